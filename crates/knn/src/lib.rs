@@ -1,1 +1,157 @@
-//! placeholder
+//! Nearest-neighbour search over PatchCore memory banks.
+//!
+//! A memory bank is a flat, row-major `&[f32]` of `n × dim` values. An [`IndexSpec`] describes a
+//! backend and its configuration; [`IndexSpec::build`] turns a bank into a boxed [`KnnIndex`], and
+//! [`KnnIndex::search`] returns the `k` nearest bank rows of every query as [`Neighbors`], with
+//! **squared** Euclidean distances (what FAISS `IndexFlatL2` returns) sorted ascending.
+//!
+//! ```
+//! use patchcore_knn::{ExactConfig, IndexSpec};
+//!
+//! let bank = [0.0, 0.0, 1.0, 0.0, 0.0, 3.0];
+//! let index = IndexSpec::Exact(ExactConfig::default()).build(&bank, 2)?;
+//! let found = index.search(&[0.9, 0.1], 2)?;
+//! let (distances, indices) = found.row(0);
+//! assert_eq!(indices, &[1, 0]);
+//! assert!((distances[0] - 0.02).abs() < 1e-6);
+//! # Ok::<(), patchcore_knn::KnnError>(())
+//! ```
+//!
+//! ## Design
+//!
+//! * **One trait, many backends.** [`KnnIndex`] is object safe and `Send + Sync`, so the exact
+//!   pure-Rust backend here and FAISS backends (flat CPU, flat GPU, IVFPQ; added later behind cargo
+//!   features) are interchangeable behind `Box<dyn KnnIndex>`. [`IndexSpec`] is the serialisable
+//!   description (`{"backend": "exact", "threads": null}`) that builds or reads an index, in the
+//!   style of linfa-nn.
+//! * **Exact backend.** Distances are first computed for tiles of queries × bank rows as
+//!   `‖x‖² + ‖y‖² − 2·x·y` with the `gemm` crate (pure Rust, SIMD), on data centred on the bank
+//!   mean, in parallel on a per-index rayon thread pool (never the global one). That formulation
+//!   cancels catastrophically when distances are small next to the norms, so it is only used to
+//!   *shortlist*: every bank row whose GEMM distance is within a rigorous floating-point error
+//!   bound of the running `k`-th best is kept, and the shortlist is then rescored exactly as
+//!   `Σ(x − y)²` in `f64` on the original values and re-selected. The result is exact up to the
+//!   final rounding to `f32`: never negative, exactly zero for duplicates, and ties are broken by
+//!   the lower bank index.
+//! * **Errors, not panics.** Every invalid input (empty bank, ragged buffers, `k` out of range,
+//!   NaN or infinite values, corrupt streams) is a [`KnnError`] carrying the offending values.
+//! * **Serialisation.** [`KnnIndex::write_to`] writes the backend's own format; for the exact
+//!   backend a small versioned binary format (magic, version, dimension, row count, little-endian
+//!   data, checksum), so truncated or corrupted streams are reported as [`KnnError::Corrupt`].
+//!
+//! `k` must satisfy `1 ≤ k ≤ bank size`; unlike FAISS, which pads with index `-1`, a larger `k` is
+//! an error ([`KnnError::InvalidK`]).
+#![deny(missing_docs)]
+
+mod error;
+mod exact;
+mod format;
+mod neighbors;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::KnnError;
+pub use neighbors::Neighbors;
+
+/// A built nearest-neighbour index over a memory bank.
+///
+/// Implementations are thread safe: `search` may be called concurrently from several threads.
+pub trait KnnIndex: Send + Sync + std::fmt::Debug {
+    /// The specification that builds (or reads) an equivalent index.
+    fn spec(&self) -> IndexSpec;
+
+    /// The dimension of the bank rows and of the queries.
+    fn dim(&self) -> usize;
+
+    /// The number of bank rows.
+    fn len(&self) -> usize;
+
+    /// Whether the bank has no rows (never true for a successfully built index).
+    fn is_empty(&self) -> bool;
+
+    /// Finds the `k` nearest bank rows of every query.
+    ///
+    /// `queries` is row-major with [`KnnIndex::dim`] columns; it may be empty. Distances are
+    /// squared Euclidean distances, sorted ascending per query.
+    ///
+    /// # Errors
+    ///
+    /// [`KnnError::DimensionMismatch`] when `queries.len()` is not a multiple of the dimension,
+    /// [`KnnError::InvalidK`] when `k == 0` or `k > self.len()`, and [`KnnError::NonFinite`] when
+    /// a query holds NaN or an infinity.
+    fn search(&self, queries: &[f32], k: usize) -> Result<Neighbors, KnnError>;
+
+    /// Writes the index in the backend's own serialisation format.
+    ///
+    /// # Errors
+    ///
+    /// [`KnnError::Io`] when the writer fails.
+    fn write_to(&self, w: &mut dyn std::io::Write) -> Result<(), KnnError>;
+}
+
+/// Configuration of the exact, pure-Rust backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExactConfig {
+    /// Worker threads of the index's own rayon thread pool; `None` (or `Some(0)`) uses all cores
+    /// (rayon's default, which honours `RAYON_NUM_THREADS`). The process-wide global pool is never
+    /// touched.
+    pub threads: Option<usize>,
+}
+
+/// Which backend to use and how to configure it.
+///
+/// Serialised with a `backend` tag, e.g. `{"backend": "exact", "threads": 4}`.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "kebab-case")]
+pub enum IndexSpec {
+    /// Exact search in pure Rust (GEMM shortlist plus exact `f64` rescoring); always available.
+    Exact(ExactConfig),
+}
+
+impl Default for IndexSpec {
+    fn default() -> Self {
+        IndexSpec::Exact(ExactConfig::default())
+    }
+}
+
+impl IndexSpec {
+    /// Builds an index over `bank`, a row-major buffer of rows with `dim` columns.
+    ///
+    /// The bank is copied; the caller keeps ownership of `bank`.
+    ///
+    /// # Errors
+    ///
+    /// [`KnnError::ZeroDimension`] when `dim == 0`, [`KnnError::RaggedInput`] when `bank.len()` is
+    /// not a multiple of `dim`, [`KnnError::EmptyBank`] when it has no rows,
+    /// [`KnnError::BankTooLarge`] above `u32::MAX` rows, [`KnnError::NonFinite`] when a value is
+    /// NaN or infinite, and [`KnnError::Config`] when the thread pool cannot be created.
+    pub fn build(&self, bank: &[f32], dim: usize) -> Result<Box<dyn KnnIndex>, KnnError> {
+        match self {
+            IndexSpec::Exact(config) => Ok(Box::new(exact::ExactIndex::new(
+                config.clone(),
+                bank.to_vec(),
+                dim,
+            )?)),
+        }
+    }
+
+    /// Reads an index written by [`KnnIndex::write_to`] of the same backend.
+    ///
+    /// The configuration (e.g. thread count) comes from `self`, the data from the stream.
+    ///
+    /// # Errors
+    ///
+    /// [`KnnError::Corrupt`] for a stream of another format, version or backend, a truncated
+    /// stream or a checksum mismatch; [`KnnError::Io`] when reading fails otherwise; and the
+    /// errors of [`IndexSpec::build`] for the data read.
+    pub fn read_from(&self, r: &mut dyn std::io::Read) -> Result<Box<dyn KnnIndex>, KnnError> {
+        match self {
+            IndexSpec::Exact(config) => {
+                let (dim, data) = format::read_exact(r)?;
+                Ok(Box::new(exact::ExactIndex::new(config.clone(), data, dim)?))
+            }
+        }
+    }
+}

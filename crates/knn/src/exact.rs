@@ -1,0 +1,470 @@
+//! The exact, pure-Rust backend: a GEMM shortlist guarded by a rigorous error bound, then exact
+//! `f64` rescoring.
+//!
+//! # Why the shortlist is exact
+//!
+//! Let `d(y) = ‖x − y‖²` be the exact distance of query `x` to bank row `y` and `d̃(y)` its GEMM
+//! value `‖x'‖² + ‖y'‖² − 2·x'·y'`, computed in `f32` from the centred rows `x' = x − μ`,
+//! `y' = y − μ`. If `|d̃(y) − d(y)| ≤ e` for every `y`, and `d̃ₖ` is the `k`-th smallest GEMM
+//! value, then the `k` rows achieving `d̃ₖ` have exact distances at most `d̃ₖ + e`, so the exact
+//! `k`-th distance is `dₖ ≤ d̃ₖ + e`, and every row `y` with `d(y) ≤ dₖ` (including all ties) has
+//! `d̃(y) ≤ dₖ + e ≤ d̃ₖ + 2e`. Keeping every row with `d̃(y) ≤ d̃ₖ + 2e` and rescoring those
+//! exactly therefore finds the exact `k` nearest rows.
+//!
+//! The bound `e` for one query: with `u = 2⁻²⁴` and `γ_D = D·u / (1 − D·u)`, a dot product of
+//! length `D` in any summation order has error at most `γ_D·‖x'‖·‖y'‖`, each squared norm (computed
+//! in `f64`, rounded once) at most `u·‖·‖²`, and the two final `f32` operations at most
+//! `u·(‖x'‖ + ‖y'‖)²` each. Rounding during centring perturbs each row by at most `u` relative per
+//! component, which moves the distance by at most about `2u·S²`. With `S = ‖x'‖ + max‖y'‖` all of
+//! this is below `(2γ_D + 24u)·S²`, plus an absolute term for gradual underflow. When `S²` is so
+//! large that `f32` could overflow, the query is rescored against the whole bank instead.
+
+use std::fmt;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::{format, ExactConfig, IndexSpec, KnnError, KnnIndex, Neighbors};
+
+/// Queries per GEMM tile.
+const QUERY_BLOCK: usize = 64;
+/// Bank rows per GEMM tile.
+const BANK_BLOCK: usize = 2048;
+/// Fewest bank rows worth giving a separate work item when splitting the bank across threads.
+const MIN_BANK_PART: usize = 4096;
+/// `S²` above which the `f32` GEMM path could overflow; such queries are rescored exhaustively.
+const MAX_SAFE_SQUARED: f64 = 1e36;
+/// The unit roundoff of `f32`.
+const U: f64 = f32::EPSILON as f64 / 2.0;
+
+/// The exact backend's index.
+pub(crate) struct ExactIndex {
+    config: ExactConfig,
+    dim: usize,
+    n: usize,
+    /// The original rows, for exact rescoring and serialisation.
+    bank: Vec<f32>,
+    /// The rows minus `mean`, for the GEMM shortlist.
+    centred: Vec<f32>,
+    /// The bank mean (rounded to `f32`).
+    mean: Vec<f32>,
+    /// Squared norms of the centred rows.
+    norms: Vec<f32>,
+    /// The largest Euclidean norm of a centred row.
+    max_norm: f64,
+    /// Whether `max_norm` is so large that the GEMM path could overflow for every query.
+    exhaustive: bool,
+    pool: rayon::ThreadPool,
+}
+
+impl fmt::Debug for ExactIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExactIndex")
+            .field("config", &self.config)
+            .field("dim", &self.dim)
+            .field("len", &self.n)
+            .field("threads", &self.pool.current_num_threads())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Returns the first row of `data` holding a NaN or an infinity.
+fn first_non_finite(data: &[f32], dim: usize) -> Option<usize> {
+    data.chunks_exact(dim)
+        .position(|row| row.iter().any(|v| !v.is_finite()))
+}
+
+/// `Σ v²` accumulated in `f64`.
+fn squared_norm(v: &[f32]) -> f64 {
+    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+}
+
+/// The exact squared distance `Σ(a − b)²`, accumulated in `f64`.
+fn exact_distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let d = f64::from(x) - f64::from(y);
+            d * d
+        })
+        .sum()
+}
+
+impl ExactIndex {
+    pub(crate) fn new(config: ExactConfig, bank: Vec<f32>, dim: usize) -> Result<Self, KnnError> {
+        if dim == 0 {
+            return Err(KnnError::ZeroDimension);
+        }
+        if bank.len() % dim != 0 {
+            return Err(KnnError::RaggedInput {
+                len: bank.len(),
+                dim,
+            });
+        }
+        let n = bank.len() / dim;
+        if n == 0 {
+            return Err(KnnError::EmptyBank);
+        }
+        if u32::try_from(n).is_err() {
+            return Err(KnnError::BankTooLarge { len: n });
+        }
+        if let Some(row) = first_non_finite(&bank, dim) {
+            return Err(KnnError::NonFinite { row, what: "bank" });
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads.unwrap_or(0))
+            .thread_name(|i| format!("patchcore-knn-{i}"))
+            .build()
+            .map_err(|e| KnnError::Config(format!("cannot create the thread pool: {e}")))?;
+
+        let (mean, centred, norms) = pool.install(|| {
+            // Column sums in f64, accumulated per block of rows in parallel.
+            let sums = bank
+                .par_chunks(dim * 256)
+                .map(|rows| {
+                    let mut s = vec![0f64; dim];
+                    for row in rows.chunks_exact(dim) {
+                        for (acc, &v) in s.iter_mut().zip(row) {
+                            *acc += f64::from(v);
+                        }
+                    }
+                    s
+                })
+                .reduce(
+                    || vec![0f64; dim],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                        a
+                    },
+                );
+            let mean: Vec<f32> = sums.iter().map(|s| (s / n as f64) as f32).collect();
+            let mut centred = bank.clone();
+            let norms: Vec<f32> = centred
+                .par_chunks_mut(dim)
+                .map(|row| {
+                    row.iter_mut().zip(&mean).for_each(|(v, m)| *v -= m);
+                    squared_norm(row) as f32
+                })
+                .collect();
+            (mean, centred, norms)
+        });
+        let max_squared = norms.iter().fold(0f32, |a, &b| a.max(b));
+        let max_norm = f64::from(max_squared).sqrt() * (1.0 + 4.0 * U);
+        Ok(ExactIndex {
+            config,
+            dim,
+            n,
+            exhaustive: !(max_norm * max_norm <= MAX_SAFE_SQUARED),
+            bank,
+            centred,
+            mean,
+            norms,
+            max_norm,
+            pool,
+        })
+    }
+
+    /// The error bound `e` of the GEMM distances of a query with centred norm `query_norm`, or
+    /// `None` when the GEMM path is unsafe for it.
+    fn bound(&self, query_norm: f64) -> Option<f64> {
+        if self.exhaustive {
+            return None;
+        }
+        let s = query_norm * (1.0 + 4.0 * U) + self.max_norm;
+        let s2 = s * s;
+        if !(s2 <= MAX_SAFE_SQUARED) {
+            return None;
+        }
+        let du = self.dim as f64 * U;
+        let gamma = du / (1.0 - du).max(0.5);
+        // The absolute term covers gradual underflow: each of the ~2D + 8 operations may lose up
+        // to half the smallest subnormal.
+        let underflow = (2 * self.dim + 8) as f64 * 2f64.powi(-149);
+        Some((2.0 * gamma + 24.0 * U) * s2 + underflow)
+    }
+
+    /// Shortlists candidates for queries `q0..q1` against bank rows `b0..b1`.
+    fn shortlist(
+        &self,
+        queries: &[f32],
+        k: usize,
+        q0: usize,
+        q1: usize,
+        b0: usize,
+        b1: usize,
+    ) -> Block {
+        let dim = self.dim;
+        let m = q1 - q0;
+        let mut centred = queries[q0 * dim..q1 * dim].to_vec();
+        let mut query_norms = Vec::with_capacity(m);
+        let mut lists = Vec::with_capacity(m);
+        for row in centred.chunks_exact_mut(dim) {
+            row.iter_mut().zip(&self.mean).for_each(|(v, m)| *v -= m);
+            let sq = squared_norm(row);
+            query_norms.push(sq as f32);
+            lists.push(self.bound(sq.sqrt()).map(|e| Shortlist::new(e, k)));
+        }
+        if lists.iter().all(Option::is_none) {
+            return Block { lists };
+        }
+        let mut dots = vec![0f32; m * BANK_BLOCK.min(b1 - b0)];
+        let mut t0 = b0;
+        while t0 < b1 {
+            let t1 = (t0 + BANK_BLOCK).min(b1);
+            let nb = t1 - t0;
+            let dots = &mut dots[..m * nb];
+            // SAFETY: `dots` holds `m × nb` values written row-major (row stride `nb`, column
+            // stride 1); `centred` holds `m × dim` values read row-major (row stride `dim`); the
+            // right-hand side is the `dim × nb` transpose of bank rows `t0..t1`, i.e. element
+            // `(kk, j)` at `self.centred[(t0 + j)·dim + kk]` (row stride 1, column stride `dim`),
+            // all inside `self.centred`. The buffers do not overlap and `read_dst` is false.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nb,
+                    dim,
+                    dots.as_mut_ptr(),
+                    1,
+                    nb as isize,
+                    false,
+                    centred.as_ptr(),
+                    1,
+                    dim as isize,
+                    self.centred[t0 * dim..t1 * dim].as_ptr(),
+                    dim as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            let norms = &self.norms[t0..t1];
+            for ((list, &qn), row) in lists
+                .iter_mut()
+                .zip(&query_norms)
+                .zip(dots.chunks_exact(nb))
+            {
+                if let Some(list) = list {
+                    list.scan(qn, norms, row, t0 as u32);
+                }
+            }
+            t0 = t1;
+        }
+        Block { lists }
+    }
+}
+
+/// Per-query shortlists of one work item; `None` marks a query to be rescored exhaustively.
+struct Block {
+    lists: Vec<Option<Shortlist>>,
+}
+
+/// The running shortlist of one query: every `(GEMM distance, index)` that may still be among the
+/// `k` nearest.
+struct Shortlist {
+    /// `2e`, the width of the acceptance band above the `k`-th best GEMM distance.
+    band: f64,
+    /// Accept distances `≤ threshold`; starts at infinity and only decreases.
+    threshold: f32,
+    /// Prune when the list reaches this length.
+    capacity: usize,
+    k: usize,
+    items: Vec<(f32, u32)>,
+}
+
+impl Shortlist {
+    fn new(bound: f64, k: usize) -> Self {
+        Shortlist {
+            band: 2.0 * bound,
+            threshold: f32::INFINITY,
+            capacity: (4 * k).max(64),
+            k,
+            items: Vec::new(),
+        }
+    }
+
+    /// Offers one tile row of GEMM dot products with bank rows `base..`.
+    fn scan(&mut self, query_norm: f32, norms: &[f32], dots: &[f32], base: u32) {
+        for (j, (&bn, &dot)) in norms.iter().zip(dots).enumerate() {
+            let d = (query_norm + bn) - 2.0 * dot;
+            if d <= self.threshold {
+                self.items.push((d, base + j as u32));
+                if self.items.len() >= self.capacity {
+                    self.prune();
+                }
+            }
+        }
+    }
+
+    /// Drops every item beyond `k`-th best + `2e` and lowers the threshold accordingly.
+    fn prune(&mut self) {
+        if self.items.len() < self.k {
+            return;
+        }
+        let k = self.k;
+        self.items
+            .select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
+        self.threshold = self.threshold.min(raise(self.items[k - 1].0, self.band));
+        let threshold = self.threshold;
+        self.items.retain(|c| c.0 <= threshold);
+        if 2 * self.items.len() > self.capacity {
+            self.capacity *= 2;
+        }
+    }
+}
+
+/// `kth + band`, rounded up to `f32`: the relative and absolute slack dominate the error of the
+/// `f64` addition and of the rounding to `f32` (subnormals included).
+fn raise(kth: f32, band: f64) -> f32 {
+    ((f64::from(kth) + band) * (1.0 + 1e-6) + 1e-44) as f32
+}
+
+/// Orders exact candidates by distance, then by bank index.
+fn by_distance_then_index(a: &(f64, u32), b: &(f64, u32)) -> std::cmp::Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+impl ExactIndex {
+    /// Merges the shortlists of one query from all bank parts, rescores the survivors exactly and
+    /// writes the `k` nearest into `distances` and `indices`.
+    fn finish<'a>(
+        &self,
+        query: &[f32],
+        lists: impl Iterator<Item = &'a Option<Shortlist>>,
+        distances: &mut [f32],
+        indices: &mut [u32],
+    ) {
+        let k = distances.len();
+        let mut items: Vec<(f32, u32)> = Vec::new();
+        let mut band = 0.0;
+        let mut exhaustive = false;
+        for list in lists {
+            match list {
+                Some(list) => {
+                    items.extend_from_slice(&list.items);
+                    band = list.band;
+                }
+                None => exhaustive = true,
+            }
+        }
+        let candidates: Vec<u32> = if exhaustive || items.len() < k {
+            (0..self.n as u32).collect()
+        } else {
+            items.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
+            let threshold = raise(items[k - 1].0, band);
+            items
+                .iter()
+                .filter(|c| c.0 <= threshold)
+                .map(|c| c.1)
+                .collect()
+        };
+        let dim = self.dim;
+        let mut scored: Vec<(f64, u32)> = candidates
+            .into_iter()
+            .map(|j| {
+                let row = &self.bank[j as usize * dim..(j as usize + 1) * dim];
+                (exact_distance(query, row), j)
+            })
+            .collect();
+        if scored.len() > k {
+            scored.select_nth_unstable_by(k - 1, by_distance_then_index);
+            scored.truncate(k);
+        }
+        scored.sort_unstable_by(by_distance_then_index);
+        for ((d, i), (dist, idx)) in distances.iter_mut().zip(indices.iter_mut()).zip(scored) {
+            *d = dist as f32;
+            *i = idx;
+        }
+    }
+}
+
+impl KnnIndex for ExactIndex {
+    fn spec(&self) -> IndexSpec {
+        IndexSpec::Exact(self.config.clone())
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    fn search(&self, queries: &[f32], k: usize) -> Result<Neighbors, KnnError> {
+        let dim = self.dim;
+        if queries.len() % dim != 0 {
+            return Err(KnnError::DimensionMismatch {
+                expected: dim,
+                got: queries.len(),
+            });
+        }
+        if k == 0 || k > self.n {
+            return Err(KnnError::InvalidK {
+                k,
+                bank_size: self.n,
+            });
+        }
+        if let Some(row) = first_non_finite(queries, dim) {
+            return Err(KnnError::NonFinite { row, what: "query" });
+        }
+        let nq = queries.len() / dim;
+        let mut distances = vec![0f32; nq * k];
+        let mut indices = vec![0u32; nq * k];
+        if nq == 0 {
+            return Ok(Neighbors::new(k, distances, indices));
+        }
+        self.pool.install(|| {
+            // Work items are (query block, bank part) pairs; the bank is split only when there are
+            // too few query blocks to keep every thread busy.
+            let blocks = nq.div_ceil(QUERY_BLOCK);
+            let threads = rayon::current_num_threads();
+            let parts = if blocks >= 2 * threads {
+                1
+            } else {
+                (2 * threads)
+                    .div_ceil(blocks)
+                    .min(self.n.div_ceil(MIN_BANK_PART))
+                    .max(1)
+            };
+            let part_len = self.n.div_ceil(parts);
+            let shortlists: Vec<Block> = (0..blocks * parts)
+                .into_par_iter()
+                .map(|item| {
+                    let (b, p) = (item / parts, item % parts);
+                    let q0 = b * QUERY_BLOCK;
+                    let q1 = (q0 + QUERY_BLOCK).min(nq);
+                    let b0 = (p * part_len).min(self.n);
+                    let b1 = (b0 + part_len).min(self.n);
+                    self.shortlist(queries, k, q0, q1, b0, b1)
+                })
+                .collect();
+            distances
+                .par_chunks_mut(QUERY_BLOCK * k)
+                .zip(indices.par_chunks_mut(QUERY_BLOCK * k))
+                .enumerate()
+                .for_each(|(b, (dist, idx))| {
+                    let block_parts = &shortlists[b * parts..(b + 1) * parts];
+                    let rows = dist.chunks_exact_mut(k).zip(idx.chunks_exact_mut(k));
+                    for (i, (d, ix)) in rows.enumerate() {
+                        let q = b * QUERY_BLOCK + i;
+                        let query = &queries[q * dim..(q + 1) * dim];
+                        let lists = block_parts.iter().map(|p| &p.lists[i]);
+                        self.finish(query, lists, d, ix);
+                    }
+                });
+        });
+        Ok(Neighbors::new(k, distances, indices))
+    }
+
+    fn write_to(&self, w: &mut dyn std::io::Write) -> Result<(), KnnError> {
+        format::write_exact(w, self.dim, &self.bank)
+    }
+}
