@@ -1,1 +1,532 @@
-//! placeholder
+//! Coreset subsampling of PatchCore memory banks.
+//!
+//! [`Sampler::select`] picks the rows of a feature matrix (flat, row-major `&[f32]` with `dim`
+//! columns) that form the memory bank. [`Sampler::ApproximateGreedy`] is the original's
+//! `ApproximateGreedyCoresetSampler` (patchcore-inspection), step by step:
+//!
+//! 1. project the `N × D` features to 128 dimensions with a random matrix `P` (128 × `D`):
+//!    `reduced = X · Pᵀ` ([`random_projection`], [`project`]);
+//! 2. choose 10 start points uniformly without replacement (`min(10, N)`);
+//! 3. set `dᵢ` to the mean Euclidean distance of row `i` to the start points;
+//! 4. `int(N · ratio)` times: pick `i* = argmax d` (first index on ties), then
+//!    `dᵢ = min(dᵢ, ‖rᵢ − r_{i*}‖)` ([`greedy_select`]). Start points are not picked as such.
+//!
+//! ```
+//! use patchcore_coreset::{GreedyConfig, Sampler};
+//!
+//! // Five 1-D points; keep 40 % of them. The projection to 128 dimensions is skipped for
+//! // brevity by projecting to 1 dimension.
+//! let features = [0.0, 1.0, 2.0, 10.0, 11.0];
+//! let sampler = Sampler::ApproximateGreedy(GreedyConfig { ratio: 0.4, projection_dim: 1, start_points: 10 });
+//! let picks = sampler.select(&features, 1, 0, &mut |_, _| {})?;
+//! assert_eq!(picks.len(), 2);
+//! # Ok::<(), patchcore_coreset::CoresetError>(())
+//! ```
+//!
+//! ## Design
+//!
+//! * **Faithful arithmetic.** Distances are computed as the original does, in `f32`, as
+//!   `sqrt(clamp(−2·a·b + ‖a‖² + ‖b‖², 0))`, so [`greedy_select`] reproduces the original's picks
+//!   in pick order on its own projected features (checked against a golden fixture).
+//! * **Linear memory.** Only the projected features, their squared norms and the running distance
+//!   vector are kept: `O(N·128)`, never `N × N`. Each pick is one parallel (rayon) pass over all
+//!   rows that updates the distances and finds the next maximum; the reduction breaks ties by the
+//!   lower index, so the picks do not depend on the number of threads.
+//! * **Projection.** [`project`] multiplies with the `gemm` crate in fixed blocks of rows, in
+//!   parallel; the block partition does not depend on the thread count, so neither does the result.
+//! * **Named deviations from the original.**
+//!   - *Random streams.* The original draws `P` from torch's RNG (`torch.nn.Linear(D, 128,
+//!     bias=False)` default init, uniform in `±1/√D`) and the start points from NumPy's global RNG.
+//!     Neither stream can be replicated, so both come from ChaCha8 seeded by the caller's `seed`:
+//!     `P` from stream 0, the start points from stream 1 (see [`random_projection`] and
+//!     [`start_points`]). The distributions are the same; the draws differ.
+//!   - *Unique picks.* The original would re-pick index 0 once every remaining distance is 0 (all
+//!     rows coincide with picked ones); here a picked row is never picked again. Whenever some
+//!     distance is positive the two agree, because a picked row's own distance is 0.
+//! * **The original's shortcuts are kept:** a ratio of exactly 1 keeps all rows in order without
+//!   projecting, and features that already have `projection_dim` columns are not projected.
+#![deny(missing_docs)]
+
+use std::collections::HashMap;
+
+use gemm::Parallelism;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Rows per parallel work item in [`project`] and [`greedy_select`]; fixed so that results do not
+/// depend on the number of threads.
+const ROW_BLOCK: usize = 2048;
+
+/// Everything that can go wrong when selecting a coreset.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoresetError {
+    /// The sampling ratio is outside `(0, 1]` (or NaN).
+    #[error("invalid coreset parameter `ratio` = {ratio}: it must be in (0, 1]")]
+    InvalidRatio {
+        /// The rejected ratio.
+        ratio: f64,
+    },
+
+    /// An integer sampler parameter is zero.
+    #[error("invalid coreset parameter `{name}` = {value}: it must be positive")]
+    InvalidParameter {
+        /// The parameter's name, e.g. `"projection_dim"`.
+        name: &'static str,
+        /// The rejected value.
+        value: usize,
+    },
+
+    /// The feature dimension is zero.
+    #[error("the feature dimension must be positive, got 0")]
+    ZeroDimension,
+
+    /// There are no feature rows.
+    #[error("there are no features to subsample")]
+    EmptyInput,
+
+    /// The feature buffer is not a whole number of rows.
+    #[error("feature buffer of length {len} is not a whole number of rows of dimension {dim}")]
+    RaggedInput {
+        /// The length of the buffer.
+        len: usize,
+        /// The row dimension.
+        dim: usize,
+    },
+
+    /// A feature row holds NaN or an infinity.
+    #[error("feature row {row} holds a NaN or infinite value")]
+    NonFinite {
+        /// The offending row.
+        row: usize,
+    },
+
+    /// A feature row is so large that its projection or squared norm overflows `f32`.
+    #[error("feature row {row} is too large: its projection or squared norm overflows f32")]
+    Overflow {
+        /// The offending row.
+        row: usize,
+    },
+
+    /// The ratio selects no row at all for this number of features.
+    #[error("ratio {ratio} selects no row from {n} features (int({n} × {ratio}) = 0)")]
+    NoSamples {
+        /// The number of feature rows.
+        n: usize,
+        /// The sampling ratio.
+        ratio: f64,
+    },
+}
+
+/// Parameters of the approximate greedy coreset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GreedyConfig {
+    /// The fraction of rows to keep, in `(0, 1]`; `int(N · ratio)` rows are picked.
+    pub ratio: f64,
+    /// The dimension of the random projection (the original's 128).
+    #[serde(default = "default_projection_dim")]
+    pub projection_dim: usize,
+    /// The number of random start points (the original's 10).
+    #[serde(default = "default_start_points")]
+    pub start_points: usize,
+}
+
+fn default_projection_dim() -> usize {
+    GreedyConfig::PROJECTION_DIM
+}
+
+fn default_start_points() -> usize {
+    GreedyConfig::START_POINTS
+}
+
+impl GreedyConfig {
+    /// The original's projection dimension.
+    pub const PROJECTION_DIM: usize = 128;
+    /// The original's number of start points.
+    pub const START_POINTS: usize = 10;
+
+    /// The original's configuration for `ratio`: projection to 128 dimensions, 10 start points.
+    pub fn new(ratio: f64) -> Self {
+        GreedyConfig {
+            ratio,
+            projection_dim: Self::PROJECTION_DIM,
+            start_points: Self::START_POINTS,
+        }
+    }
+
+    /// Checks the parameters.
+    ///
+    /// # Errors
+    ///
+    /// [`CoresetError::InvalidRatio`] when `ratio` is not in `(0, 1]`, and
+    /// [`CoresetError::InvalidParameter`] when `projection_dim` or `start_points` is zero.
+    pub fn validate(&self) -> Result<(), CoresetError> {
+        if !(self.ratio > 0.0 && self.ratio <= 1.0) {
+            return Err(CoresetError::InvalidRatio { ratio: self.ratio });
+        }
+        if self.projection_dim == 0 {
+            return Err(CoresetError::InvalidParameter {
+                name: "projection_dim",
+                value: 0,
+            });
+        }
+        if self.start_points == 0 {
+            return Err(CoresetError::InvalidParameter {
+                name: "start_points",
+                value: 0,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How to subsample the memory bank.
+///
+/// Serialised with a `kind` tag, e.g. `{"kind": "approximate-greedy", "ratio": 0.1}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Sampler {
+    /// Keep every row, in order.
+    KeepAll,
+    /// The original's approximate greedy coreset.
+    ApproximateGreedy(GreedyConfig),
+}
+
+impl Sampler {
+    /// Selects rows of `features` (row-major, `dim` columns) and returns their indices in pick
+    /// order ([`Sampler::KeepAll`] and a ratio of 1: `0..N`).
+    ///
+    /// `seed` determines the projection and the start points. `progress(done, total)` is called
+    /// after every pick.
+    ///
+    /// # Errors
+    ///
+    /// [`CoresetError::ZeroDimension`], [`CoresetError::RaggedInput`],
+    /// [`CoresetError::EmptyInput`] and [`CoresetError::NonFinite`] for malformed features; the
+    /// errors of [`GreedyConfig::validate`]; [`CoresetError::NoSamples`] when `int(N · ratio)` is
+    /// 0; and [`CoresetError::Overflow`] when a projected row overflows `f32`.
+    pub fn select(
+        &self,
+        features: &[f32],
+        dim: usize,
+        seed: u64,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<usize>, CoresetError> {
+        let n = check_features(features, dim)?;
+        let config = match self {
+            Sampler::KeepAll => return Ok((0..n).collect()),
+            Sampler::ApproximateGreedy(config) => config,
+        };
+        config.validate()?;
+        if config.ratio == 1.0 {
+            // The original returns the features unchanged for a percentage of exactly 1.
+            return Ok((0..n).collect());
+        }
+        let count = coreset_size(n, config.ratio);
+        if count == 0 {
+            return Err(CoresetError::NoSamples {
+                n,
+                ratio: config.ratio,
+            });
+        }
+        let out_dim = config.projection_dim;
+        let projected;
+        let reduced = if dim == out_dim {
+            // The original skips the projection when the features already have this dimension.
+            features
+        } else {
+            let p = random_projection(dim, out_dim, seed);
+            projected = project(features, dim, &p, out_dim);
+            &projected[..]
+        };
+        if let Some(row) = reduced.chunks_exact(out_dim).position(|r| {
+            let norm = dot(r, r);
+            !norm.is_finite()
+        }) {
+            return Err(CoresetError::Overflow { row });
+        }
+        let starts = start_points(n, config.start_points.min(n), seed);
+        Ok(greedy_select(reduced, out_dim, &starts, count, progress))
+    }
+}
+
+/// Validates a feature buffer and returns its number of rows.
+fn check_features(features: &[f32], dim: usize) -> Result<usize, CoresetError> {
+    if dim == 0 {
+        return Err(CoresetError::ZeroDimension);
+    }
+    if features.len() % dim != 0 {
+        return Err(CoresetError::RaggedInput {
+            len: features.len(),
+            dim,
+        });
+    }
+    if features.is_empty() {
+        return Err(CoresetError::EmptyInput);
+    }
+    if let Some(row) = features
+        .chunks_exact(dim)
+        .position(|r| r.iter().any(|v| !v.is_finite()))
+    {
+        return Err(CoresetError::NonFinite { row });
+    }
+    Ok(features.len() / dim)
+}
+
+/// The number of rows the original picks from `n` rows: `int(n * ratio)` as Python computes it
+/// (the `f64` product, truncated), e.g. `coreset_size(2352, 0.1) == 235`.
+pub fn coreset_size(n: usize, ratio: f64) -> usize {
+    // Python's `len(features) * percentage` is an f64 product; `int` truncates toward zero. The
+    // cast saturates, so NaN and negative ratios give 0.
+    (n as f64 * ratio) as usize
+}
+
+/// A uniform `f32` in `[0, 1)` from the top 24 bits of one 32-bit draw.
+fn unit_f32(rng: &mut ChaCha8Rng) -> f32 {
+    (rng.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
+}
+
+/// A uniform integer in `0..bound` (`bound > 0`), by Lemire's multiply-and-reject method.
+fn below(rng: &mut ChaCha8Rng, bound: u64) -> u64 {
+    let threshold = bound.wrapping_neg() % bound;
+    loop {
+        let m = u128::from(rng.next_u64()) * u128::from(bound);
+        if (m as u64) >= threshold {
+            return (m >> 64) as u64;
+        }
+    }
+}
+
+/// The random projection matrix, `out_dim × in_dim` row-major (like the weight of
+/// `torch.nn.Linear(in_dim, out_dim, bias=False)`), uniform in `[−1/√in_dim, 1/√in_dim)` as that
+/// layer's default initialisation.
+///
+/// Named deviation: torch's RNG cannot be replicated, so the values come from ChaCha8 seeded with
+/// `seed` (`seed_from_u64`, stream 0), one 32-bit draw per value in row-major order; the stream is
+/// stable across `rand` versions.
+pub fn random_projection(in_dim: usize, out_dim: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(0);
+    let bound = (1.0 / (in_dim.max(1) as f64).sqrt()) as f32;
+    (0..in_dim * out_dim)
+        .map(|_| bound * (2.0 * unit_f32(&mut rng) - 1.0))
+        .collect()
+}
+
+/// The start points: `amount` distinct row indices of `0..n`, uniformly without replacement, in
+/// draw order.
+///
+/// Named deviation: the original uses NumPy's global RNG (`np.random.choice(n, amount,
+/// replace=False)`); here ChaCha8 seeded with `seed` (`seed_from_u64`, stream 1) drives a partial
+/// Fisher–Yates shuffle.
+///
+/// # Panics
+///
+/// Panics if `amount > n`.
+pub fn start_points(n: usize, amount: usize, seed: u64) -> Vec<usize> {
+    assert!(
+        amount <= n,
+        "cannot draw {amount} start points from {n} rows"
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(1);
+    // A sparse partial Fisher–Yates shuffle: `moved` holds the positions that differ from the
+    // identity permutation.
+    let mut moved: HashMap<usize, usize> = HashMap::new();
+    (0..amount)
+        .map(|i| {
+            let j = i + below(&mut rng, (n - i) as u64) as usize;
+            let at_j = moved.get(&j).copied().unwrap_or(j);
+            let at_i = moved.get(&i).copied().unwrap_or(i);
+            moved.insert(j, at_i);
+            at_j
+        })
+        .collect()
+}
+
+/// Projects `features` (row-major, `dim` columns) with `projection` (`out_dim × dim`, row-major):
+/// returns `features · projectionᵀ`, row-major with `out_dim` columns.
+///
+/// Uses `gemm` on fixed blocks of rows, in parallel on the current rayon pool.
+///
+/// # Panics
+///
+/// Panics if `dim` or `out_dim` is zero, `features.len()` is not a multiple of `dim`, or
+/// `projection.len() != out_dim * dim`.
+pub fn project(features: &[f32], dim: usize, projection: &[f32], out_dim: usize) -> Vec<f32> {
+    assert!(dim > 0 && out_dim > 0, "dimensions must be positive");
+    assert_eq!(features.len() % dim, 0, "ragged feature buffer");
+    assert_eq!(projection.len(), out_dim * dim, "projection shape");
+    let n = features.len() / dim;
+    let mut out = vec![0f32; n * out_dim];
+    out.par_chunks_mut(ROW_BLOCK * out_dim)
+        .zip(features.par_chunks(ROW_BLOCK * dim))
+        .for_each(|(dst, src)| {
+            let m = src.len() / dim;
+            // SAFETY: `dst` holds `m × out_dim` values written row-major (row stride `out_dim`,
+            // column stride 1); `src` holds `m × dim` values read row-major (row stride `dim`);
+            // the right-hand side is the `dim × out_dim` transpose of `projection`, element
+            // `(k, o)` at `projection[o·dim + k]` (row stride 1, column stride `dim`). The output
+            // does not overlap the inputs and `read_dst` is false.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    out_dim,
+                    dim,
+                    dst.as_mut_ptr(),
+                    1,
+                    out_dim as isize,
+                    false,
+                    src.as_ptr(),
+                    1,
+                    dim as isize,
+                    projection.as_ptr(),
+                    dim as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+    out
+}
+
+/// The `f32` dot product, summed in a fixed order (32 interleaved partial sums, then a fixed
+/// tree), so the same inputs always give the same bits.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 32;
+    let mut acc = [0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[l] += x * y;
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
+/// The original's distance: `sqrt(clamp(−2·a·b + ‖a‖² + ‖b‖², 0))` in `f32`.
+#[inline]
+fn distance(a_dot_b: f32, a_norm: f32, b_norm: f32) -> f32 {
+    (-2.0 * a_dot_b + a_norm + b_norm).max(0.0).sqrt()
+}
+
+/// The greedy core of the approximate greedy coreset, on already projected features.
+///
+/// `reduced` is row-major with `dim` columns; `start_points` are row indices. Returns `count` row
+/// indices in pick order: first the row with the largest mean distance to the start points, then
+/// repeatedly the row farthest from everything picked so far (first index on ties). Picks are
+/// unique (see the crate's named deviations). `progress(done, count)` is called after every pick.
+///
+/// # Panics
+///
+/// Panics if `dim` is zero, `reduced.len()` is not a multiple of `dim`, `start_points` is empty
+/// or holds an index out of range, or `count` exceeds the number of rows.
+pub fn greedy_select(
+    reduced: &[f32],
+    dim: usize,
+    start_points: &[usize],
+    count: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Vec<usize> {
+    assert!(dim > 0, "dimension must be positive");
+    assert_eq!(reduced.len() % dim, 0, "ragged feature buffer");
+    let n = reduced.len() / dim;
+    assert!(!start_points.is_empty(), "no start points");
+    assert!(
+        start_points.iter().all(|&s| s < n),
+        "start point out of range"
+    );
+    assert!(count <= n, "cannot pick {count} of {n} rows");
+    if count == 0 {
+        return Vec::new();
+    }
+    let row = |i: usize| &reduced[i * dim..(i + 1) * dim];
+    let norms: Vec<f32> = reduced.par_chunks(dim).map(|r| dot(r, r)).collect();
+
+    // The mean distance to the start points, as torch.mean over the last axis (sum, then divide).
+    let starts: Vec<(&[f32], f32)> = start_points.iter().map(|&s| (row(s), norms[s])).collect();
+    let divisor = start_points.len() as f32;
+    let mut d = vec![0f32; n];
+    let mut best = d
+        .par_chunks_mut(ROW_BLOCK)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut best = (f32::NEG_INFINITY, usize::MAX);
+            for (o, di) in chunk.iter_mut().enumerate() {
+                let i = c * ROW_BLOCK + o;
+                let r = row(i);
+                let sum = starts.iter().fold(0f32, |acc, &(s, sn)| {
+                    acc + distance(dot(r, s), norms[i], sn)
+                });
+                *di = sum / divisor;
+                if *di > best.0 {
+                    best = (*di, i);
+                }
+            }
+            best
+        })
+        .reduce(|| (f32::NEG_INFINITY, usize::MAX), first_max);
+
+    let mut picks = Vec::with_capacity(count);
+    for done in 1..=count {
+        let pick = best.1;
+        picks.push(pick);
+        // A picked row is never picked again (its own distance would be 0 in the original).
+        d[pick] = f32::NEG_INFINITY;
+        progress(done, count);
+        if done == count {
+            break;
+        }
+        let (p, pn) = (row(pick), norms[pick]);
+        best = d
+            .par_chunks_mut(ROW_BLOCK)
+            .enumerate()
+            .map(|(c, chunk)| {
+                let mut best = (f32::NEG_INFINITY, usize::MAX);
+                for (o, di) in chunk.iter_mut().enumerate() {
+                    if *di == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let i = c * ROW_BLOCK + o;
+                    let new = distance(dot(row(i), p), norms[i], pn);
+                    if new < *di {
+                        *di = new;
+                    }
+                    if *di > best.0 {
+                        best = (*di, i);
+                    }
+                }
+                best
+            })
+            .reduce(|| (f32::NEG_INFINITY, usize::MAX), first_max);
+    }
+    picks
+}
+
+/// The larger of two `(value, index)` maxima, the lower index on ties; associative, so the
+/// parallel reduction does not depend on how rayon splits the work.
+fn first_max(a: (f32, usize), b: (f32, usize)) -> (f32, usize) {
+    if b.0 > a.0 || (b.0 == a.0 && b.1 < a.1) {
+        b
+    } else {
+        a
+    }
+}

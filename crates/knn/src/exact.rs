@@ -26,10 +26,10 @@ use rayon::prelude::*;
 
 use crate::{format, ExactConfig, IndexSpec, KnnError, KnnIndex, Neighbors};
 
-/// Queries per GEMM tile.
-const QUERY_BLOCK: usize = 64;
+/// The most queries per GEMM tile.
+const QUERY_BLOCK: usize = 128;
 /// Bank rows per GEMM tile.
-const BANK_BLOCK: usize = 2048;
+const BANK_BLOCK: usize = 4096;
 /// Fewest bank rows worth giving a separate work item when splitting the bank across threads.
 const MIN_BANK_PART: usize = 4096;
 /// `S²` above which the `f32` GEMM path could overflow; such queries are rescored exhaustively.
@@ -338,29 +338,7 @@ impl ExactIndex {
         indices: &mut [u32],
     ) {
         let k = distances.len();
-        let mut items: Vec<(f32, u32)> = Vec::new();
-        let mut band = 0.0;
-        let mut exhaustive = false;
-        for list in lists {
-            match list {
-                Some(list) => {
-                    items.extend_from_slice(&list.items);
-                    band = list.band;
-                }
-                None => exhaustive = true,
-            }
-        }
-        let candidates: Vec<u32> = if exhaustive || items.len() < k {
-            (0..self.n as u32).collect()
-        } else {
-            items.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
-            let threshold = raise(items[k - 1].0, band);
-            items
-                .iter()
-                .filter(|c| c.0 <= threshold)
-                .map(|c| c.1)
-                .collect()
-        };
+        let candidates = self.candidates(lists, k);
         let dim = self.dim;
         let mut scored: Vec<(f64, u32)> = candidates
             .into_iter()
@@ -378,6 +356,39 @@ impl ExactIndex {
             *d = dist as f32;
             *i = idx;
         }
+    }
+}
+
+impl ExactIndex {
+    /// The bank rows to rescore exactly for one query: those whose GEMM distance is within `2e`
+    /// of the `k`-th best over all bank parts, or every row when the GEMM path was unsafe.
+    fn candidates<'a>(
+        &self,
+        lists: impl Iterator<Item = &'a Option<Shortlist>>,
+        k: usize,
+    ) -> Vec<u32> {
+        let mut items: Vec<(f32, u32)> = Vec::new();
+        let mut band = 0.0;
+        let mut exhaustive = false;
+        for list in lists {
+            match list {
+                Some(list) => {
+                    items.extend_from_slice(&list.items);
+                    band = list.band;
+                }
+                None => exhaustive = true,
+            }
+        }
+        if exhaustive || items.len() < k {
+            return (0..self.n as u32).collect();
+        }
+        items.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
+        let threshold = raise(items[k - 1].0, band);
+        items
+            .iter()
+            .filter(|c| c.0 <= threshold)
+            .map(|c| c.1)
+            .collect()
     }
 }
 
@@ -424,8 +435,12 @@ impl KnnIndex for ExactIndex {
         self.pool.install(|| {
             // Work items are (query block, bank part) pairs; the bank is split only when there are
             // too few query blocks to keep every thread busy.
-            let blocks = nq.div_ceil(QUERY_BLOCK);
+            // Round the number of query blocks up to a multiple of the thread count and size the
+            // blocks evenly, so that no thread is left with a lone short block at the end.
             let threads = rayon::current_num_threads();
+            let blocks = nq.div_ceil(QUERY_BLOCK).div_ceil(threads) * threads;
+            let block = nq.div_ceil(blocks);
+            let blocks = nq.div_ceil(block);
             let parts = if blocks >= 2 * threads {
                 1
             } else {
@@ -439,22 +454,22 @@ impl KnnIndex for ExactIndex {
                 .into_par_iter()
                 .map(|item| {
                     let (b, p) = (item / parts, item % parts);
-                    let q0 = b * QUERY_BLOCK;
-                    let q1 = (q0 + QUERY_BLOCK).min(nq);
+                    let q0 = b * block;
+                    let q1 = (q0 + block).min(nq);
                     let b0 = (p * part_len).min(self.n);
                     let b1 = (b0 + part_len).min(self.n);
                     self.shortlist(queries, k, q0, q1, b0, b1)
                 })
                 .collect();
             distances
-                .par_chunks_mut(QUERY_BLOCK * k)
-                .zip(indices.par_chunks_mut(QUERY_BLOCK * k))
+                .par_chunks_mut(block * k)
+                .zip(indices.par_chunks_mut(block * k))
                 .enumerate()
                 .for_each(|(b, (dist, idx))| {
                     let block_parts = &shortlists[b * parts..(b + 1) * parts];
                     let rows = dist.chunks_exact_mut(k).zip(idx.chunks_exact_mut(k));
                     for (i, (d, ix)) in rows.enumerate() {
-                        let q = b * QUERY_BLOCK + i;
+                        let q = b * block + i;
                         let query = &queries[q * dim..(q + 1) * dim];
                         let lists = block_parts.iter().map(|p| &p.lists[i]);
                         self.finish(query, lists, d, ix);
@@ -466,5 +481,51 @@ impl KnnIndex for ExactIndex {
 
     fn write_to(&self, w: &mut dyn std::io::Write) -> Result<(), KnnError> {
         format::write_exact(w, self.dim, &self.bank)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random sequence in [-1, 1).
+    fn values(n: usize, mut state: u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shortlist_stays_short_on_offset_data() {
+        let dim = 64;
+        let n = 3000;
+        let bank: Vec<f32> = values(n * dim, 1).iter().map(|v| 1e3 + v).collect();
+        let queries: Vec<f32> = values(20 * dim, 2).iter().map(|v| 1e3 + v).collect();
+        let index = ExactIndex::new(ExactConfig { threads: Some(1) }, bank, dim).unwrap();
+        for k in [1, 5] {
+            let block = index.shortlist(&queries, k, 0, 20, 0, n);
+            for (q, list) in block.lists.iter().enumerate() {
+                let shortlisted = index.candidates(std::iter::once(list), k).len();
+                assert!(
+                    (k..=k + 10).contains(&shortlisted),
+                    "query {q}, k {k}: {shortlisted} candidates"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn huge_values_fall_back_to_exhaustive_rescoring() {
+        let bank = [1e20f32, 0.0, -1e20, 0.0, 0.0, 1.0];
+        let index = ExactIndex::new(ExactConfig::default(), bank.to_vec(), 2).unwrap();
+        let found = index.search(&[1e20, 1.0], 3).unwrap();
+        assert_eq!(found.indices(), &[0, 2, 1]);
+        assert_eq!(found.distances()[0], 1.0);
+        assert!(found.distances().iter().all(|d| !d.is_nan()));
     }
 }
