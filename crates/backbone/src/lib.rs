@@ -1,1 +1,271 @@
-//! placeholder
+//! CNN feature extractors for PatchCore, on candle, loading PyTorch checkpoints directly.
+//!
+//! The crate provides EfficientNet-Lite0 … Lite4 ([`efficientnet`]) as *tapped* feature
+//! extractors: the caller names intermediate layers by their state-dict module path (for example
+//! `_blocks.4` and `_blocks.10`) and gets one feature map per tap. Weights come straight from the
+//! PyTorch checkpoints the reference models ship with ([`pth`]), so no conversion step is needed.
+//!
+//! ```no_run
+//! use candle_core::{Device, Tensor};
+//! use patchcore_backbone::{load, Arch};
+//!
+//! # fn main() -> Result<(), patchcore_backbone::BackboneError> {
+//! let arch = Arch::EfficientNetLite0;
+//! let device = Device::Cpu;
+//! let model = load(arch, "efficientnet-lite0-57934424.pth".as_ref(), &arch.default_taps(), &device)?;
+//! let x = Tensor::zeros((1, 3, 224, 224), candle_core::DType::F32, &device)?;
+//! let taps = model.extract(&x)?; // [(1, 40, 28, 28), (1, 112, 14, 14)]
+//! # Ok(()) }
+//! ```
+//!
+//! ## Design
+//!
+//! * **Checkpoints.** [`pth::read_state_dict`] reads the legacy (pre-1.6) PyTorch format, the
+//!   zip format and safetensors, recognised by their first bytes. The legacy format is
+//!   unpickled with candle's public pickle machinery; locating storages, applying storage
+//!   offsets and strides and handling shared storages is done here. Every failure on user input
+//!   is a [`BackboneError`] naming the file; nothing panics on a malformed file.
+//! * **Model.** The architecture mirrors the PyPI package `efficientnet-lite-pytorch`, with
+//!   parameter names equal to its state-dict keys. Only the layers up to the deepest requested
+//!   tap are built, so only their weights are read from the checkpoint and nothing past the tap
+//!   is computed. Batch norm runs in inference mode and is folded into the preceding
+//!   convolution's weight and bias when the model is built (the folding is computed in f64).
+//! * **Padding.** The reference pads like TensorFlow's "same", computed statically for the
+//!   native input size. Here the same formula is evaluated for the actual input size at every
+//!   call, which equals the static padding at the native size and stays correct elsewhere.
+//! * **Speed.** Candle's grouped convolution runs one convolution per group, far too slow for
+//!   depthwise layers. [`ops::DepthwiseConv2d`] is a candle custom op with a CPU kernel that is
+//!   parallel over batch × channel (rayon) and handles stride and asymmetric padding; on other
+//!   devices the code falls back to candle's grouped convolution. 1 × 1 convolutions are matrix
+//!   products through candle.
+//! * **Devices.** The default build is CPU-only; the `cuda` feature forwards to candle's.
+//!
+//! The public surface the PatchCore pipeline relies on is [`Arch`], [`Normalization`],
+//! [`FeatureExtractor`], [`load`], [`file_sha256`] and [`BackboneError`].
+
+#![deny(missing_docs)]
+
+pub mod efficientnet;
+mod error;
+pub mod ops;
+pub mod pth;
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
+pub use error::{BackboneError, Result};
+pub use pth::read_state_dict;
+
+/// The supported backbone architectures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Arch {
+    /// EfficientNet-Lite0 (224 px).
+    #[serde(rename = "efficientnet-lite0")]
+    EfficientNetLite0,
+    /// EfficientNet-Lite1 (240 px).
+    #[serde(rename = "efficientnet-lite1")]
+    EfficientNetLite1,
+    /// EfficientNet-Lite2 (260 px).
+    #[serde(rename = "efficientnet-lite2")]
+    EfficientNetLite2,
+    /// EfficientNet-Lite3 (280 px).
+    #[serde(rename = "efficientnet-lite3")]
+    EfficientNetLite3,
+    /// EfficientNet-Lite4 (300 px).
+    #[serde(rename = "efficientnet-lite4")]
+    EfficientNetLite4,
+}
+
+impl Arch {
+    /// Every architecture, in order.
+    pub const ALL: [Arch; 5] = [
+        Arch::EfficientNetLite0,
+        Arch::EfficientNetLite1,
+        Arch::EfficientNetLite2,
+        Arch::EfficientNetLite3,
+        Arch::EfficientNetLite4,
+    ];
+
+    /// The canonical name, as used by serde, [`fmt::Display`] and [`FromStr`].
+    pub fn name(&self) -> &'static str {
+        match self {
+            Arch::EfficientNetLite0 => "efficientnet-lite0",
+            Arch::EfficientNetLite1 => "efficientnet-lite1",
+            Arch::EfficientNetLite2 => "efficientnet-lite2",
+            Arch::EfficientNetLite3 => "efficientnet-lite3",
+            Arch::EfficientNetLite4 => "efficientnet-lite4",
+        }
+    }
+
+    /// The taps PatchCore uses by default: the ends of the stride-8 and stride-16 stages.
+    ///
+    /// For every Lite model these are the last blocks of stages 2 and 4, which for Lite0 are
+    /// `["_blocks.4", "_blocks.10"]`.
+    pub fn default_taps(&self) -> Vec<String> {
+        EfficientNetLiteConfig::for_arch(*self).default_taps()
+    }
+
+    /// Every tap name the architecture accepts.
+    pub fn valid_taps(&self) -> Vec<String> {
+        EfficientNetLiteConfig::for_arch(*self).tap_names()
+    }
+
+    /// The input normalisation the pretrained weights expect.
+    ///
+    /// The Lite models take `(x − 127/255) / (128/255)` on every channel of an image in [0, 1],
+    /// that is `(u8 − 127) / 128`.
+    pub fn normalization(&self) -> Normalization {
+        Normalization {
+            mean: [127.0 / 255.0; 3],
+            std: [128.0 / 255.0; 3],
+        }
+    }
+
+    /// The input resolution the model was trained at (square).
+    pub fn native_input_size(&self) -> usize {
+        EfficientNetLiteConfig::for_arch(*self).image_size
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Arch {
+    type Err = BackboneError;
+
+    /// Parses a canonical name, ignoring case and accepting `_` for `-`.
+    fn from_str(s: &str) -> Result<Self> {
+        let wanted = s.trim().to_ascii_lowercase().replace('_', "-");
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == wanted)
+            .ok_or_else(|| BackboneError::UnknownArch {
+                name: s.to_string(),
+                valid: Arch::ALL.iter().map(|a| a.name().to_string()).collect(),
+            })
+    }
+}
+
+/// Per-channel input normalisation: `x_normalised = (x − mean) / std` for `x` in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    /// The mean subtracted from each RGB channel.
+    pub mean: [f32; 3],
+    /// The standard deviation each RGB channel is divided by.
+    pub std: [f32; 3],
+}
+
+/// A CNN that returns intermediate feature maps ("taps").
+pub trait FeatureExtractor: Send + Sync + std::fmt::Debug {
+    /// The architecture.
+    fn arch(&self) -> Arch;
+
+    /// The tap names, in the order [`FeatureExtractor::extract`] returns them.
+    fn taps(&self) -> &[String];
+
+    /// The channel count of each tap, in tap order.
+    fn tap_channels(&self) -> Vec<usize>;
+
+    /// The total stride of each tap relative to the input, in tap order.
+    fn tap_strides(&self) -> Vec<usize>;
+
+    /// Runs the network on a batch.
+    ///
+    /// `x`: (B, 3, H, W) f32, already normalised. Returns one (B, C_i, H_i, W_i) tensor per tap,
+    /// in tap order.
+    ///
+    /// # Errors
+    ///
+    /// [`BackboneError::InvalidInput`] for a tensor of the wrong shape or type, and
+    /// [`BackboneError::Candle`] when a computation fails.
+    fn extract(&self, x: &Tensor) -> Result<Vec<Tensor>>;
+}
+
+/// Builds a feature extractor from a checkpoint.
+///
+/// `weights` may be a PyTorch checkpoint (legacy or zip) or a safetensors file whose keys are the
+/// reference model's state-dict keys. `taps` names the layers to return (see
+/// [`Arch::valid_taps`]); only the layers up to the deepest tap are loaded and run.
+///
+/// # Errors
+///
+/// Tap errors ([`BackboneError::UnknownTap`], [`BackboneError::DuplicateTap`],
+/// [`BackboneError::NoTaps`]), checkpoint errors ([`BackboneError::Io`],
+/// [`BackboneError::Format`], [`BackboneError::UnsupportedStorage`]) and weight errors
+/// ([`BackboneError::MissingWeight`], [`BackboneError::ShapeMismatch`]).
+pub fn load(
+    arch: Arch,
+    weights: &Path,
+    taps: &[String],
+    device: &Device,
+) -> Result<Box<dyn FeatureExtractor>> {
+    Ok(Box::new(EfficientNetLite::load(
+        arch, weights, taps, device,
+    )?))
+}
+
+/// The SHA-256 of a file as lowercase hex, used to identify weights.
+///
+/// # Errors
+///
+/// [`BackboneError::Io`] when the file cannot be read.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    let io = |source| BackboneError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_names_round_trip() {
+        for a in Arch::ALL {
+            assert_eq!(a.to_string().parse::<Arch>().ok(), Some(a));
+        }
+        assert_eq!(
+            "EfficientNet_Lite3".parse::<Arch>().ok(),
+            Some(Arch::EfficientNetLite3)
+        );
+        let err = "resnet18".parse::<Arch>().err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("efficientnet-lite0") && e.contains("resnet18")));
+    }
+
+    #[test]
+    fn arch_facts() {
+        let a = Arch::EfficientNetLite0;
+        assert_eq!(a.default_taps(), vec!["_blocks.4", "_blocks.10"]);
+        assert_eq!(a.native_input_size(), 224);
+        assert_eq!(Arch::EfficientNetLite4.native_input_size(), 300);
+        let n = a.normalization();
+        assert_eq!(n.mean, [127.0 / 255.0; 3]);
+        assert_eq!(n.std, [128.0 / 255.0; 3]);
+    }
+}
