@@ -154,7 +154,7 @@ impl ExactIndex {
             config,
             dim,
             n,
-            exhaustive: !(max_norm * max_norm <= MAX_SAFE_SQUARED),
+            exhaustive: max_norm.is_nan() || max_norm * max_norm > MAX_SAFE_SQUARED,
             bank,
             centred,
             mean,
@@ -172,7 +172,7 @@ impl ExactIndex {
         }
         let s = query_norm * (1.0 + 4.0 * U) + self.max_norm;
         let s2 = s * s;
-        if !(s2 <= MAX_SAFE_SQUARED) {
+        if s2.is_nan() || s2 > MAX_SAFE_SQUARED {
             return None;
         }
         let du = self.dim as f64 * U;
