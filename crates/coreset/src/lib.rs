@@ -446,6 +446,19 @@ pub fn greedy_select(
     count: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Vec<usize> {
+    greedy(reduced, dim, start_points, count, progress, true).0
+}
+
+/// [`greedy_select`] with the pruning switchable (for tests); also returns how many row updates
+/// the pruning skipped.
+fn greedy(
+    reduced: &[f32],
+    dim: usize,
+    start_points: &[usize],
+    count: usize,
+    progress: &mut dyn FnMut(usize, usize),
+    prune: bool,
+) -> (Vec<usize>, u64) {
     assert!(dim > 0, "dimension must be positive");
     assert_eq!(reduced.len() % dim, 0, "ragged feature buffer");
     let n = reduced.len() / dim;
@@ -456,7 +469,7 @@ pub fn greedy_select(
     );
     assert!(count <= n, "cannot pick {count} of {n} rows");
     if count == 0 {
-        return Vec::new();
+        return (Vec::new(), 0);
     }
     let row = |i: usize| &reduced[i * dim..(i + 1) * dim];
     let norms: Vec<f32> = reduced.par_chunks(dim).map(|r| dot(r, r)).collect();
@@ -485,6 +498,21 @@ pub fn greedy_select(
         })
         .reduce(|| (f32::NEG_INFINITY, usize::MAX), first_max);
 
+    // Triangle-inequality pruning (exact; see `skip_margin`): `owner[i]` is the pick (by pick
+    // number) whose distance last set `d[i]`, or `NO_OWNER` while `d[i]` is still the mean start
+    // distance. When pick `p` is at least `2·d[i] + margin` from row `i`'s owner, the distance
+    // from row `i` to `p` cannot be below `d[i]`, and the row is not read at all.
+    let margin = if prune {
+        skip_margin(&norms, dim)
+    } else {
+        f64::INFINITY
+    };
+    let mut skipped = 0u64;
+    let mut owner = vec![NO_OWNER; n];
+    let mut pick_rows: Vec<f32> = Vec::with_capacity(count * dim);
+    let mut pick_norms: Vec<f32> = Vec::with_capacity(count);
+    let mut to_owner: Vec<f32> = Vec::with_capacity(count);
+
     let mut picks = Vec::with_capacity(count);
     for done in 1..=count {
         let pick = best.1;
@@ -496,29 +524,84 @@ pub fn greedy_select(
             break;
         }
         let (p, pn) = (row(pick), norms[pick]);
-        best = d
+        // The distances from this pick to every earlier pick, with the same formula.
+        to_owner.clear();
+        to_owner.par_extend(
+            pick_rows
+                .par_chunks(dim)
+                .zip(pick_norms.par_iter())
+                .map(|(q, &qn)| distance(dot(q, p), qn, pn)),
+        );
+        pick_rows.extend_from_slice(p);
+        pick_norms.push(pn);
+        let number = (done - 1) as u32;
+        let to_owner = &to_owner;
+        let (next, skips) = d
             .par_chunks_mut(ROW_BLOCK)
+            .zip(owner.par_chunks_mut(ROW_BLOCK))
             .enumerate()
-            .map(|(c, chunk)| {
+            .map(|(c, (chunk, owners))| {
                 let mut best = (f32::NEG_INFINITY, usize::MAX);
-                for (o, di) in chunk.iter_mut().enumerate() {
+                let mut skips = 0u64;
+                for (o, (di, owner)) in chunk.iter_mut().zip(owners).enumerate() {
                     if *di == f32::NEG_INFINITY {
                         continue;
                     }
                     let i = c * ROW_BLOCK + o;
-                    let new = distance(dot(row(i), p), norms[i], pn);
-                    if new < *di {
-                        *di = new;
+                    let far = *owner != NO_OWNER
+                        && f64::from(to_owner[*owner as usize]) >= 2.0 * f64::from(*di) + margin;
+                    if far {
+                        skips += 1;
+                    } else {
+                        let new = distance(dot(row(i), p), norms[i], pn);
+                        if new < *di {
+                            *di = new;
+                            *owner = number;
+                        }
                     }
                     if *di > best.0 {
                         best = (*di, i);
                     }
                 }
-                best
+                (best, skips)
             })
-            .reduce(|| (f32::NEG_INFINITY, usize::MAX), first_max);
+            .reduce(
+                || ((f32::NEG_INFINITY, usize::MAX), 0),
+                |a, b| (first_max(a.0, b.0), a.1 + b.1),
+            );
+        best = next;
+        skipped += skips;
     }
-    picks
+    (picks, skipped)
+}
+
+/// Marks a row whose distance is still the mean distance to the start points.
+const NO_OWNER: u32 = u32::MAX;
+
+/// The margin that makes the triangle-inequality pruning exact.
+///
+/// Write `c(x, y)` for the computed distance (`f32`, the original's formula) and `t(x, y)` for
+/// the true one. With all true norms at most `R`, each computed dot product of length `n` is off
+/// by at most `γₙR²` (`γₙ = n·u / (1 − n·u)`, `u = 2⁻²⁴`, any summation order), and the two
+/// additions by at most `8uR²` together, so the squared distance is off by at most
+/// `δ = (4γₙ + 8u)·R²`; clamping does not increase that, the square root turns it into at most
+/// `√δ`, and its rounding adds `u·(2R + √δ)`. So `|c − t| ≤ E = √δ·(1 + u) + 2uR` for every pair.
+/// For row `i` with owner `a` (so `d[i] = c(i, a)`) and new pick `p`:
+/// `c(i, p) ≥ t(i, p) − E ≥ t(a, p) − t(i, a) − E ≥ c(a, p) − d[i] − 3E`, so `c(a, p) ≥ 2·d[i] + 3E`
+/// guarantees `c(i, p) ≥ d[i]`: the update could not change `d[i]`. The margin is `3E` with
+/// slack for the `f64` comparison.
+fn skip_margin(norms: &[f32], dim: usize) -> f64 {
+    let u = f64::from(f32::EPSILON) / 2.0;
+    let nu = dim as f64 * u;
+    let gamma = nu / (1.0 - nu).max(0.5);
+    let max_norm = norms.iter().fold(0f32, |a, &b| a.max(b));
+    // The computed squared norm may understate the true one by a factor of up to `1 − γ`.
+    let r2 = f64::from(max_norm) * (1.0 + 2.0 * gamma) + f64::from(f32::MIN_POSITIVE);
+    let r = r2.sqrt();
+    let delta = (4.0 * gamma + 8.0 * u) * r2;
+    let e = delta.sqrt() * (1.0 + u) + 2.0 * u * r;
+    // Gradual underflow can add absolute errors of about 2⁻¹⁴⁹ per operation.
+    3.0 * e * 1.01 + 1e-30
 }
 
 /// The larger of two `(value, index)` maxima, the lower index on ties; associative, so the
@@ -528,5 +611,69 @@ fn first_max(a: (f32, usize), b: (f32, usize)) -> (f32, usize) {
         b
     } else {
         a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clustered data: `clusters` tight Gaussian-like blobs, the kind of data where pruning
+    /// triggers.
+    fn blobs(n: usize, dim: usize, clusters: usize, spread: f32) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
+        let centres: Vec<f32> = (0..clusters * dim)
+            .map(|_| 10.0 * (2.0 * unit_f32(&mut rng) - 1.0))
+            .collect();
+        (0..n)
+            .flat_map(|i| {
+                let c = i % clusters;
+                (0..dim)
+                    .map(|k| {
+                        let noise: f32 = (0..4).map(|_| unit_f32(&mut rng) - 0.5).sum();
+                        centres[c * dim + k] + spread * noise
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pruning_skips_work_without_changing_the_picks() {
+        for (dim, spread) in [(128, 0.5), (16, 0.05), (3, 1.0)] {
+            let x = blobs(6000, dim, 40, spread);
+            let starts = start_points(6000, 10, 1);
+            let (plain, none) = greedy(&x, dim, &starts, 600, &mut |_, _| {}, false);
+            let (pruned, skipped) = greedy(&x, dim, &starts, 600, &mut |_, _| {}, true);
+            assert_eq!(none, 0);
+            assert_eq!(plain, pruned, "dim {dim}");
+            let rate = skipped as f64 / (6000.0 * 599.0);
+            println!(
+                "dim {dim}: pruning skipped {:.1} % of row updates",
+                100.0 * rate
+            );
+            assert!(rate > 0.2, "dim {dim}: skipped only {rate}");
+        }
+    }
+
+    #[test]
+    fn margin_bounds_the_formula_error() {
+        // Nearly identical large rows: the formula's cancellation error must stay within E.
+        let dim = 128;
+        let a: Vec<f32> = (0..dim).map(|k| 1000.0 + k as f32 * 0.37).collect();
+        let b: Vec<f32> = a.iter().map(|v| v + 0.001).collect();
+        let norms = [dot(&a, &a), dot(&b, &b)];
+        let e = skip_margin(&norms, dim) / 3.0;
+        let computed = f64::from(distance(dot(&a, &b), norms[0], norms[1]));
+        let exact: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (computed - exact).abs() <= e,
+            "{computed} vs {exact}, E = {e}"
+        );
     }
 }
