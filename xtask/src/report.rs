@@ -58,7 +58,8 @@ pub fn parse_report(text: &str) -> Result<ReportSummary> {
         .context("`scores` is missing or not an array")?;
     let mut labels: Vec<(String, usize)> = Vec::new();
     for (index, entry) in scores.iter().enumerate() {
-        let label = match entry.get("label") {
+        // The folder name (`kind`) reads better than the 0/1 label when the report has it.
+        let label = match entry.get("kind").or_else(|| entry.get("label")) {
             Some(Value::String(label)) => label.clone(),
             Some(other) => other.to_string(),
             None => bail!("`scores[{index}]` has no `label`"),

@@ -1,1 +1,382 @@
-fn main() {}
+//! `patchcore`: fit, evaluate and apply PatchCore anomaly detectors from the command line.
+
+mod dataset;
+mod overlay;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use patchcore::{load_image, GreedyConfig, PatchCore, PatchCoreConfig, Progress, Sampler};
+use serde_json::json;
+
+/// PatchCore industrial anomaly detection: learn "normal" from good images, then score new ones.
+#[derive(Debug, Parser)]
+#[command(name = "patchcore", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fit a model on the good images of a folder (`<data>/train/good`, or `<data>` itself if it has no `train`).
+    Fit(FitArgs),
+    /// Score every test image of a folder in MVTec layout (`<data>/test/<kind>/`, `good` is normal) and write
+    /// report.json and heatmap overlays.
+    Eval(EvalArgs),
+    /// Score image files or folders and write predictions.json and heatmap overlays.
+    Predict(PredictArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Preset {
+    /// EfficientNet-Lite0, taps `_blocks.4` + `_blocks.10`, the original's other defaults (10% coreset, k = 1).
+    Lite0,
+}
+
+#[derive(Debug, clap::Args)]
+struct FitArgs {
+    /// Folder with `train/good/` (MVTec layout) or a folder of good images.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to write the model file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Starting configuration.
+    #[arg(long, value_enum, default_value_t = Preset::Lite0)]
+    preset: Preset,
+    /// A JSON configuration file (as written in a model's header); replaces the preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Backbone weights (.pth or .safetensors).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Coreset ratio in (0, 1]; 1 keeps every patch.
+    #[arg(long)]
+    coreset: Option<f64>,
+    /// Number of nearest neighbours averaged into a patch score.
+    #[arg(long)]
+    k: Option<usize>,
+    /// Seed of the coreset's random projection and start points.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Images per backbone pass.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Hide progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct EvalArgs {
+    /// The model file written by `patchcore fit`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Folder with `test/<kind>/` subfolders; `good` is normal, every other kind anomalous.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder for report.json and overlays/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Backbone weights, if not at the path recorded in the model.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Write heatmap overlays for at most this many test images (all by default).
+    #[arg(long)]
+    overlays: Option<usize>,
+    /// Hide progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct PredictArgs {
+    /// The model file written by `patchcore fit`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output folder for predictions.json and overlays/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Backbone weights, if not at the path recorded in the model.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Do not write overlays.
+    #[arg(long)]
+    no_overlays: bool,
+    /// Hide progress bars.
+    #[arg(long)]
+    quiet: bool,
+    /// Image files or folders of images.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fit(a) => fit(a),
+        Command::Eval(a) => eval(a),
+        Command::Predict(a) => predict(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn bar(len: u64, what: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({elapsed}, eta {eta})")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn fit(a: FitArgs) -> Result<()> {
+    let mut config = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+            serde_json::from_str::<PatchCoreConfig>(&text)
+                .with_context(|| format!("{} is not a valid configuration", path.display()))?
+        }
+        None => match a.preset {
+            Preset::Lite0 => PatchCoreConfig::lite0("efficientnet-lite0-57934424.pth"),
+        },
+    };
+    if let Some(w) = a.weights {
+        config.backbone.weights = w;
+    }
+    if let Some(r) = a.coreset {
+        config.sampler = if r == 1.0 {
+            Sampler::KeepAll
+        } else {
+            match config.sampler {
+                Sampler::ApproximateGreedy(g) => {
+                    Sampler::ApproximateGreedy(GreedyConfig { ratio: r, ..g })
+                }
+                _ => Sampler::ApproximateGreedy(GreedyConfig::new(r)),
+            }
+        };
+    }
+    if let Some(k) = a.k {
+        config.k = k;
+    }
+    if let Some(s) = a.seed {
+        config.seed = s;
+    }
+    if let Some(b) = a.batch_size {
+        config.batch_size = b;
+    }
+    config.validate()?;
+    if !config.backbone.weights.is_file() {
+        bail!(
+            "backbone weights {} not found: pass --weights (for Lite0: `cargo xtask fetch lite0-weights` prints the path)",
+            config.backbone.weights.display()
+        );
+    }
+    let files = dataset::train_images(&a.data)?;
+    let started = Instant::now();
+    let embed_bar = bar(files.len() as u64, "embedding", a.quiet);
+    let mut coreset_bar: Option<ProgressBar> = None;
+    let images = files.iter().map(|p| load_image(p));
+    let model = PatchCore::fit(config, images, &mut |p| match p {
+        Progress::Embedded { images, .. } => embed_bar.set_position(images as u64),
+        Progress::Coreset { done, total } => {
+            embed_bar.finish();
+            let pb = coreset_bar.get_or_insert_with(|| bar(total as u64, "coreset", a.quiet));
+            pb.set_position(done as u64);
+        }
+        Progress::Indexing { .. } => {
+            embed_bar.finish();
+            if let Some(pb) = &coreset_bar {
+                pb.finish();
+            }
+        }
+    })?;
+    embed_bar.finish_and_clear();
+    if let Some(pb) = coreset_bar {
+        pb.finish_and_clear();
+    }
+    model
+        .save(&a.out)
+        .with_context(|| format!("cannot save the model to {}", a.out.display()))?;
+    let s = model.stats();
+    println!(
+        "fitted on {} images: {} patches -> memory bank of {} in {:.1} s (embedding {:.1} s, coreset {:.1} s, index {:.2} s)",
+        s.images,
+        s.patches,
+        s.bank_size,
+        started.elapsed().as_secs_f64(),
+        s.embed_seconds,
+        s.coreset_seconds,
+        s.index_seconds
+    );
+    println!("model written to {}", a.out.display());
+    Ok(())
+}
+
+/// Scores files in batches of the model's batch size, reporting progress.
+fn score_files(
+    model: &PatchCore,
+    files: &[PathBuf],
+    pb: &ProgressBar,
+    mut each: impl FnMut(
+        &Path,
+        &patchcore::DynamicImage,
+        f32,
+        ndarray::ArrayView2<'_, f32>,
+    ) -> Result<()>,
+) -> Result<f64> {
+    let mut predict_seconds = 0.0;
+    for chunk in files.chunks(model.config().batch_size) {
+        let images = chunk
+            .iter()
+            .map(|p| load_image(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let started = Instant::now();
+        let prediction = model.predict(&images)?;
+        predict_seconds += started.elapsed().as_secs_f64();
+        for (i, path) in chunk.iter().enumerate() {
+            each(
+                path,
+                &images[i],
+                prediction.image_scores[i],
+                prediction.anomaly_maps.index_axis(ndarray::Axis(0), i),
+            )?;
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    Ok(predict_seconds)
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let started = Instant::now();
+    let model = PatchCore::load(&a.model, a.weights.as_deref())
+        .with_context(|| format!("cannot load the model {}", a.model.display()))?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let test = dataset::test_images(&a.data)?;
+    let files: Vec<PathBuf> = test.iter().map(|t| t.path.clone()).collect();
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create the output folder {}", a.out.display()))?;
+    let pb = bar(files.len() as u64, "scoring", a.quiet);
+    let limit = a.overlays.unwrap_or(usize::MAX);
+    let mut maps = overlay::Collector::new(limit);
+    let mut scores = Vec::with_capacity(files.len());
+    let started = Instant::now();
+    let predict_seconds = score_files(&model, &files, &pb, |path, image, score, map| {
+        scores.push(score);
+        maps.push(path, image, model.config(), map);
+        Ok(())
+    })?;
+    let eval_seconds = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let labels: Vec<bool> = test.iter().map(|t| t.kind != "good").collect();
+    let auroc = patchcore::metrics::auroc(&scores, &labels)
+        .with_context(|| format!("cannot evaluate {}", a.data.display()))?;
+    let written = maps.write(&a.out.join("overlays"), &a.data)?;
+
+    let stats = model.stats();
+    let entries: Vec<_> = test
+        .iter()
+        .zip(&scores)
+        .map(|(t, s)| {
+            json!({
+                "path": t.path.strip_prefix(&a.data).unwrap_or(&t.path),
+                "kind": t.kind,
+                "label": if t.kind == "good" { 0 } else { 1 },
+                "score": s,
+            })
+        })
+        .collect();
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for t in &test {
+        *kinds.entry(t.kind.clone()).or_default() += 1;
+    }
+    let report = json!({
+        "data": a.data,
+        "model": a.model,
+        "image_auroc": auroc,
+        "bank_size": model.bank_size(),
+        "images": kinds,
+        "timings": {
+            "fit_embed_seconds": stats.embed_seconds,
+            "fit_coreset_seconds": stats.coreset_seconds,
+            "fit_index_seconds": stats.index_seconds,
+            "eval_model_load_seconds": load_seconds,
+            "eval_total_seconds": eval_seconds,
+            "predict_seconds": predict_seconds,
+            "predict_seconds_per_image": predict_seconds / files.len().max(1) as f64,
+        },
+        "fit": stats,
+        "config": model.config(),
+        "overlays": written,
+        "scores": entries,
+    });
+    let path = a.out.join("report.json");
+    overlay::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    println!(
+        "image AUROC {auroc:.4} on {} test images ({}), bank size {}, {:.1} ms per image",
+        files.len(),
+        kinds
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        model.bank_size(),
+        1000.0 * predict_seconds / files.len().max(1) as f64
+    );
+    println!("report written to {} ({written} overlays)", path.display());
+    Ok(())
+}
+
+fn predict(a: PredictArgs) -> Result<()> {
+    let model = PatchCore::load(&a.model, a.weights.as_deref())
+        .with_context(|| format!("cannot load the model {}", a.model.display()))?;
+    let mut files = Vec::new();
+    for input in &a.inputs {
+        if input.is_dir() {
+            files.extend(dataset::images_in(input)?);
+        } else if input.is_file() {
+            files.push(input.clone());
+        } else {
+            bail!("input {} does not exist", input.display());
+        }
+    }
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create the output folder {}", a.out.display()))?;
+    let pb = bar(files.len() as u64, "scoring", a.quiet);
+    let mut maps = overlay::Collector::new(if a.no_overlays { 0 } else { usize::MAX });
+    let mut entries = Vec::new();
+    score_files(&model, &files, &pb, |path, image, score, map| {
+        entries.push(json!({ "path": path, "score": score }));
+        maps.push(path, image, model.config(), map);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let written = maps.write(&a.out.join("overlays"), Path::new(""))?;
+    let path = a.out.join("predictions.json");
+    let doc = json!({ "model": a.model, "predictions": entries, "overlays": written });
+    overlay::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    for e in &entries {
+        println!("{}\t{}", e["score"], e["path"].as_str().unwrap_or_default());
+    }
+    eprintln!("predictions written to {}", path.display());
+    Ok(())
+}

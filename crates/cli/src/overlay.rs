@@ -1,0 +1,124 @@
+//! Heatmap overlays: the model's input crop blended with a colour-mapped anomaly map.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use image::{Rgb, RgbImage};
+use ndarray::{Array2, ArrayView2};
+use patchcore::{DynamicImage, PatchCoreConfig};
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers never see a
+/// partial file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".patchcore-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Keeps the input crops and maps of up to `limit` images, so that all overlays share one colour scale.
+pub struct Collector {
+    limit: usize,
+    items: Vec<(PathBuf, RgbImage, Array2<f32>)>,
+}
+
+impl Collector {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            items: Vec::new(),
+        }
+    }
+
+    pub fn push(
+        &mut self,
+        path: &Path,
+        image: &DynamicImage,
+        config: &PatchCoreConfig,
+        map: ArrayView2<'_, f32>,
+    ) {
+        if self.items.len() >= self.limit {
+            return;
+        }
+        let input = config.preprocess.apply(image);
+        let (_, h, w) = input.dim();
+        let n = config.preprocess.normalization;
+        let crop = RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let px = |c: usize| {
+                let v = input[[c, y as usize, x as usize]] * n.std[c] + n.mean[c];
+                (v.clamp(0.0, 1.0) * 255.0).round() as u8
+            };
+            Rgb([px(0), px(1), px(2)])
+        });
+        self.items.push((path.to_path_buf(), crop, map.to_owned()));
+    }
+
+    /// Writes one PNG per collected image into `dir`, named after its path relative to `base` with separators
+    /// replaced by `_`. Returns the number written.
+    pub fn write(&self, dir: &Path, base: &Path) -> Result<usize> {
+        if self.items.is_empty() {
+            return Ok(0);
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let (lo, hi) = self
+            .items
+            .iter()
+            .flat_map(|(_, _, m)| m.iter())
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        for (path, crop, map) in &self.items {
+            let mut out = crop.clone();
+            for (x, y, px) in out.enumerate_pixels_mut() {
+                let t = (map[[y as usize, x as usize]] - lo) / span;
+                let heat = jet(t);
+                for c in 0..3 {
+                    px.0[c] = (0.5 * px.0[c] as f32 + 0.5 * heat[c] as f32).round() as u8;
+                }
+            }
+            let rel = path.strip_prefix(base).unwrap_or(path);
+            let rel = rel.strip_prefix("test").unwrap_or(rel);
+            let name: String = rel
+                .with_extension("")
+                .to_string_lossy()
+                .trim_start_matches('/')
+                .replace(['/', '\\'], "_");
+            let mut png = Vec::new();
+            out.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .context("cannot encode an overlay PNG")?;
+            write_atomic(&dir.join(format!("{name}.png")), &png)?;
+        }
+        Ok(self.items.len())
+    }
+}
+
+/// The "jet" colour map: blue (0) → cyan → yellow → red (1).
+fn jet(t: f32) -> [u8; 3] {
+    let t = t.clamp(0.0, 1.0);
+    let channel = |offset: f32| ((1.5 - (4.0 * t - offset).abs()).clamp(0.0, 1.0) * 255.0) as u8;
+    [channel(3.0), channel(2.0), channel(1.0)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jet;
+
+    #[test]
+    fn jet_ends() {
+        assert_eq!(jet(0.0), [0, 0, 127]);
+        assert_eq!(jet(1.0), [127, 0, 0]);
+        assert_eq!(jet(0.5), [127, 255, 127]);
+    }
+}
