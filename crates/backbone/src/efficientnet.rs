@@ -612,6 +612,48 @@ impl EfficientNetLite {
                 dtype: x.dtype(),
             });
         }
+        let batch = dims[0];
+        let chunk = if x.device().is_cpu() {
+            let per_image = self.peak_activation_elems(dims[2], dims[3]) * 4;
+            (CPU_CHUNK_BYTES / per_image.max(1)).clamp(1, batch)
+        } else {
+            batch
+        };
+        if chunk >= batch {
+            return self.forward_chunk(x);
+        }
+        // Run sub-batches and concatenate each tap along the batch dimension.
+        let mut per_tap: Vec<Vec<Tensor>> = vec![Vec::new(); self.taps.len()];
+        let mut start = 0;
+        while start < batch {
+            let len = chunk.min(batch - start);
+            let outs = self.forward_chunk(&x.narrow(0, start, len)?)?;
+            for (acc, t) in per_tap.iter_mut().zip(outs) {
+                acc.push(t);
+            }
+            start += len;
+        }
+        per_tap
+            .iter()
+            .map(|parts| Ok(Tensor::cat(parts, 0)?))
+            .collect()
+    }
+
+    /// The largest activation of one image (in elements) among the layers that are run.
+    fn peak_activation_elems(&self, h: usize, w: usize) -> usize {
+        let (mut h, mut w) = (h.div_ceil(2), w.div_ceil(2));
+        let mut peak = self.config.stem_channels * h * w;
+        for b in self.config.blocks().iter().take(self.blocks.len()) {
+            peak = peak.max(b.expanded_filters() * h * w);
+            h = h.div_ceil(b.stride);
+            w = w.div_ceil(b.stride);
+            peak = peak.max(b.expanded_filters().max(b.output_filters) * h * w);
+        }
+        peak
+    }
+
+    /// Runs one (sub-)batch through the network.
+    fn forward_chunk(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let mut outputs: Vec<Option<Tensor>> = vec![None; self.tap_infos.len()];
         let mut store = |pos: TapPosition, t: &Tensor| {
             for (slot, info) in outputs.iter_mut().zip(&self.tap_infos) {
@@ -639,6 +681,12 @@ impl EfficientNetLite {
             .collect()
     }
 }
+
+/// On the CPU, a batch is split into sub-batches whose largest activation stays below this many
+/// bytes. Larger buffers are served by the allocator as fresh pages from the kernel, and the
+/// page faults on first touch then cost more than batching gains (the convolutions already
+/// parallelise within one image).
+const CPU_CHUNK_BYTES: usize = 16 << 20;
 
 /// Validates the requested taps against a configuration.
 fn resolve_taps(config: &EfficientNetLiteConfig, taps: &[String]) -> Result<Vec<TapInfo>> {

@@ -69,7 +69,8 @@ fn maybe_relu6(x: Tensor, relu6: bool) -> candle_core::Result<Tensor> {
 
 /// A dense 2-D convolution with "same" padding, bias and optional ReLU6 (used for the stem).
 ///
-/// `x` is (B, C_in, H, W), `weight` (C_out, C_in, k, k) and `bias` (C_out).
+/// `x` is (B, C_in, H, W), `weight` (C_out, C_in, k, k) and `bias` (C_out). F32 tensors on the
+/// CPU use [`Conv2dGemm`]; anything else goes through [`conv2d_same_reference`].
 pub fn conv2d_same(
     x: &Tensor,
     weight: &Tensor,
@@ -78,19 +79,40 @@ pub fn conv2d_same(
     relu6: bool,
 ) -> candle_core::Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    let (c_out, _, k, _) = weight.dims4()?;
-    let pad = Padding2d::same(h, w, k, stride);
+    let (_, _, k, _) = weight.dims4()?;
+    let padding = Padding2d::same(h, w, k, stride);
+    if use_cpu_kernels(&[x, weight, bias]) {
+        apply_gemm_conv(x, weight, bias, stride, padding, relu6)
+    } else {
+        conv2d_same_reference(x, weight, bias, stride, padding, relu6)
+    }
+}
+
+/// A dense convolution through candle's [`Tensor::conv2d`], on any device.
+///
+/// This is the fallback of [`conv2d_same`] off the CPU and the reference its CPU kernel is
+/// tested against.
+pub fn conv2d_same_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: Padding2d,
+    relu6: bool,
+) -> candle_core::Result<Tensor> {
+    let c_out = weight.dim(0)?;
     let x = x
-        .pad_with_zeros(2, pad.top, pad.bottom)?
-        .pad_with_zeros(3, pad.left, pad.right)?;
+        .pad_with_zeros(2, padding.top, padding.bottom)?
+        .pad_with_zeros(3, padding.left, padding.right)?;
     let y = x.conv2d(weight, 0, stride, 1, 1)?;
     let y = y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
     maybe_relu6(y, relu6)
 }
 
-/// A 1 × 1 convolution as a matrix product, with bias and optional ReLU6.
+/// A 1 × 1 convolution (a matrix product per image), with bias and optional ReLU6.
 ///
 /// `x` is (B, C_in, H, W), `weight` (C_out, C_in) or (C_out, C_in, 1, 1) and `bias` (C_out).
+/// F32 tensors on the CPU use [`Conv2dGemm`]; anything else goes through candle's matmul.
 pub fn pointwise_conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -99,15 +121,42 @@ pub fn pointwise_conv2d(
 ) -> candle_core::Result<Tensor> {
     let (b, c_in, h, w) = x.dims4()?;
     let c_out = weight.dim(0)?;
+    let weight = weight.reshape((c_out, c_in, 1, 1))?;
+    if use_cpu_kernels(&[x, &weight, bias]) {
+        return apply_gemm_conv(x, &weight, bias, 1, Padding2d::default(), relu6);
+    }
     let weight = weight.reshape((c_out, c_in))?;
     let x = x.contiguous()?.reshape((b, c_in, h * w))?;
-    let y = if b == 1 {
-        weight.matmul(&x.squeeze(0)?)?.unsqueeze(0)?
-    } else {
-        weight.broadcast_left(b)?.matmul(&x)?
-    };
+    let y = weight.broadcast_left(b)?.matmul(&x)?;
     let y = y.broadcast_add(&bias.reshape((1, c_out, 1))?)?;
     maybe_relu6(y, relu6)?.reshape((b, c_out, h, w))
+}
+
+/// Whether the CPU kernels apply: every tensor is f32 and on the CPU.
+fn use_cpu_kernels(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// Runs [`Conv2dGemm`] on contiguous copies of its operands.
+fn apply_gemm_conv(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: Padding2d,
+    relu6: bool,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &Conv2dGemm {
+            stride,
+            padding,
+            relu6,
+        },
+    )
 }
 
 /// A depthwise convolution with "same" padding, bias and optional ReLU6.
@@ -125,11 +174,10 @@ pub fn depthwise_conv2d(
     let (_, _, h, w) = x.dims4()?;
     let (_, _, k, _) = weight.dims4()?;
     let padding = Padding2d::same(h, w, k, stride);
-    let all_f32 = [x, weight, bias].iter().all(|t| t.dtype() == DType::F32);
-    if x.device().is_cpu() && all_f32 {
-        x.apply_op3_no_bwd(
-            weight,
-            bias,
+    if use_cpu_kernels(&[x, weight, bias]) {
+        x.contiguous()?.apply_op3_no_bwd(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
             &DepthwiseConv2d {
                 stride,
                 padding,
@@ -166,9 +214,10 @@ pub fn depthwise_conv2d_reference(
 ///
 /// Shapes: input (B, C, H, W), weight (C, 1, k, k), bias (C), all f32; output (B, C, OH, OW) with
 /// the size given by [`Padding2d::output_size`]. Padding may differ between the two sides of a
-/// dimension. The work is split over batch × channel planes with rayon; inside a plane each
-/// kernel tap is applied to the whole range of output columns whose input column is in bounds, so
-/// the inner loop has no branches.
+/// dimension. The work is split over batch × channel planes with rayon. Inside a plane each
+/// kernel tap is applied to the whole range of output columns whose input column is in bounds,
+/// reading a contiguous run of input (strided inputs are first split into column phases), so the
+/// inner loop has no branches and vectorises.
 #[derive(Debug, Clone, Copy)]
 pub struct DepthwiseConv2d {
     /// The stride in both directions.
@@ -229,9 +278,14 @@ impl CustomOp3 for DepthwiseConv2d {
         let (oh, ow) = pad.output_size(h, w, k, self.stride);
         let s = self.stride;
 
-        // For each horizontal tap kx, the output columns whose input column
-        // ox * s + kx - left lies in [0, w).
-        let col_ranges: Vec<(usize, usize)> = (0..k)
+        // With stride s, each input row is split into s phases (columns p, p + s, p + 2s, …),
+        // so that every kernel tap reads a contiguous run of one phase and the inner loop
+        // vectorises. Input column ox·s + kx − left lies in phase (kx − left) mod s, at index
+        // ox + (kx − left) div s.
+        let wp = w.div_ceil(s);
+        // For each horizontal tap kx: the output columns [lo, hi) whose input column is in
+        // [0, w), the phase, and the phase index of output column lo.
+        let taps_x: Vec<(usize, usize, usize, usize)> = (0..k)
             .map(|kx| {
                 let lo = pad.left.saturating_sub(kx).div_ceil(s).min(ow);
                 // The largest ox with ox * s + kx <= w - 1 + left.
@@ -239,7 +293,11 @@ impl CustomOp3 for DepthwiseConv2d {
                     Some(v) => (v / s + 1).min(ow),
                     None => 0,
                 };
-                (lo, hi.max(lo))
+                let hi = hi.max(lo);
+                let off = kx as isize - pad.left as isize;
+                let phase = off.rem_euclid(s as isize) as usize;
+                let start = (lo as isize + off.div_euclid(s as isize)).max(0) as usize;
+                (lo, hi, phase, start)
             })
             .collect();
 
@@ -252,6 +310,22 @@ impl CustomOp3 for DepthwiseConv2d {
                 let ch = bc % c;
                 let input = &x[bc * plane_in..(bc + 1) * plane_in];
                 let kernel = &weight[ch * k * k..(ch + 1) * k * k];
+                let split;
+                let (phases, row_len): (&[f32], usize) = if s == 1 {
+                    (input, w)
+                } else {
+                    let mut buf = vec![0f32; s * h * wp];
+                    for (iy, row) in input.chunks_exact(w).enumerate() {
+                        for phase in 0..s.min(w) {
+                            let dst = &mut buf[(phase * h + iy) * wp..][..wp];
+                            for (d, &v) in dst.iter_mut().zip(row[phase..].iter().step_by(s)) {
+                                *d = v;
+                            }
+                        }
+                    }
+                    split = buf;
+                    (&split, wp)
+                };
                 o.fill(bias[ch]);
                 for oy in 0..oh {
                     let orow = &mut o[oy * ow..(oy + 1) * ow];
@@ -263,25 +337,15 @@ impl CustomOp3 for DepthwiseConv2d {
                         if iy >= h {
                             continue;
                         }
-                        let irow = &input[iy * w..(iy + 1) * w];
-                        for (kx, &(lo, hi)) in col_ranges.iter().enumerate() {
+                        for (kx, &(lo, hi, phase, start)) in taps_x.iter().enumerate() {
                             if lo >= hi {
                                 continue;
                             }
                             let wv = kernel[ky * k + kx];
-                            // The first input column is lo * s + kx - left, never negative here.
-                            let first = lo * s + kx - pad.left;
-                            let dst = &mut orow[lo..hi];
-                            if s == 1 {
-                                let src = &irow[first..first + (hi - lo)];
-                                for (d, &v) in dst.iter_mut().zip(src) {
-                                    *d += wv * v;
-                                }
-                            } else {
-                                let src = irow[first..].iter().step_by(s);
-                                for (d, &v) in dst.iter_mut().zip(src) {
-                                    *d += wv * v;
-                                }
+                            let row = &phases[(phase * h + iy) * row_len..][..row_len];
+                            let src = &row[start..start + (hi - lo)];
+                            for (d, &v) in orow[lo..hi].iter_mut().zip(src) {
+                                *d += wv * v;
                             }
                         }
                     }
@@ -294,6 +358,198 @@ impl CustomOp3 for DepthwiseConv2d {
             });
         Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
     }
+}
+
+/// The CPU dense convolution kernel, as a candle custom op on (input, weight, bias).
+///
+/// Shapes: input (B, C_in, H, W), weight (C_out, C_in, k, k), bias (C_out), all f32; output
+/// (B, C_out, OH, OW). Each image is one matrix product `W · cols`, where `cols` is the input
+/// itself for a 1 × 1 convolution without stride or padding and an im2col matrix
+/// (C_in·k·k × OH·OW) otherwise. The product accumulates into an output pre-filled with the bias
+/// and ReLU6 is applied in place, so bias and activation cost no extra pass over memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dGemm {
+    /// The stride in both directions.
+    pub stride: usize,
+    /// The zero padding around the input.
+    pub padding: Padding2d,
+    /// Whether to apply ReLU6 to the result.
+    pub relu6: bool,
+}
+
+impl CustomOp3 for Conv2dGemm {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c_in, h, w) = l1.shape().dims4()?;
+        let (c_out, wc_in, k, k2) = l2.shape().dims4()?;
+        if wc_in != c_in || k != k2 || l3.shape().dims() != [c_out] {
+            candle_core::bail!(
+                "conv2d: input {:?}, weight {:?} and bias {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        if self.stride == 0 || k == 0 {
+            candle_core::bail!("conv2d: stride and kernel size must be positive");
+        }
+        let pad = self.padding;
+        if h + pad.top + pad.bottom < k || w + pad.left + pad.right < k {
+            candle_core::bail!("conv2d: the padded input is smaller than the kernel");
+        }
+        let x = contiguous_f32(s1, l1, "input")?;
+        let weight = contiguous_f32(s2, l2, "weight")?;
+        let bias = contiguous_f32(s3, l3, "bias")?;
+        let (oh, ow) = pad.output_size(h, w, k, self.stride);
+        let n = oh * ow;
+        let depth = c_in * k * k;
+        let direct = k == 1 && self.stride == 1 && pad == Padding2d::default();
+        let mut out = vec![0f32; b * c_out * n];
+        if n == 0 || c_out == 0 {
+            return Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))));
+        }
+        let threads = rayon::current_num_threads();
+        // Parallel over images when there are enough of them, otherwise inside each product.
+        let per_image_parallel = b < threads;
+        let run = |(i, dst): (usize, &mut [f32])| {
+            let input = &x[i * c_in * h * w..(i + 1) * c_in * h * w];
+            let cols_owned;
+            let cols: &[f32] = if direct {
+                input
+            } else {
+                cols_owned = im2col(
+                    input,
+                    c_in,
+                    h,
+                    w,
+                    k,
+                    self.stride,
+                    pad,
+                    oh,
+                    ow,
+                    per_image_parallel,
+                );
+                &cols_owned
+            };
+            if per_image_parallel {
+                dst.par_chunks_mut(n)
+                    .zip(bias)
+                    .for_each(|(row, &bv)| row.fill(bv));
+            } else {
+                for (row, &bv) in dst.chunks_mut(n).zip(bias) {
+                    row.fill(bv);
+                }
+            }
+            let parallelism = if per_image_parallel {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: `dst` holds c_out × n floats, `weight` c_out × depth and `cols` depth × n,
+            // all row-major with the strides given here, so every access gemm makes is in bounds;
+            // `dst` is exclusively borrowed and does not alias the two read-only operands.
+            unsafe {
+                gemm::gemm(
+                    c_out,
+                    n,
+                    depth,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    true,
+                    weight.as_ptr(),
+                    1,
+                    depth as isize,
+                    cols.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+            if self.relu6 {
+                let clamp = |row: &mut [f32]| {
+                    for v in row.iter_mut() {
+                        *v = v.clamp(0.0, 6.0);
+                    }
+                };
+                if per_image_parallel {
+                    dst.par_chunks_mut(n).for_each(clamp);
+                } else {
+                    clamp(dst);
+                }
+            }
+        };
+        if per_image_parallel {
+            out.chunks_mut(c_out * n).enumerate().for_each(run);
+        } else {
+            out.par_chunks_mut(c_out * n).enumerate().for_each(run);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
+    }
+}
+
+/// Unfolds one image (C, H, W) into a (C·k·k) × (OH·OW) row-major matrix for a convolution.
+#[allow(clippy::too_many_arguments)]
+fn im2col(
+    input: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: Padding2d,
+    oh: usize,
+    ow: usize,
+    parallel: bool,
+) -> Vec<f32> {
+    let n = oh * ow;
+    let mut cols = vec![0f32; c * k * k * n];
+    // Row (ci, ky, kx) of the matrix holds input[ci, oy·s + ky − top, ox·s + kx − left].
+    let fill = |(r, row): (usize, &mut [f32])| {
+        let ci = r / (k * k);
+        let ky = (r / k) % k;
+        let kx = r % k;
+        let plane = &input[ci * h * w..(ci + 1) * h * w];
+        for oy in 0..oh {
+            let Some(iy) = (oy * stride + ky).checked_sub(pad.top) else {
+                continue;
+            };
+            if iy >= h {
+                continue;
+            }
+            let dst = &mut row[oy * ow..(oy + 1) * ow];
+            let src = &plane[iy * w..(iy + 1) * w];
+            for (ox, d) in dst.iter_mut().enumerate() {
+                if let Some(ix) = (ox * stride + kx).checked_sub(pad.left) {
+                    if ix < w {
+                        *d = src[ix];
+                    }
+                }
+            }
+        }
+    };
+    if parallel {
+        cols.par_chunks_mut(n).enumerate().for_each(fill);
+    } else {
+        cols.chunks_mut(n).enumerate().for_each(fill);
+    }
+    cols
 }
 
 #[cfg(test)]
