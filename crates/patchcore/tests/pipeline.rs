@@ -299,3 +299,62 @@ fn dir_with_bad_image() -> tempfile::TempDir {
     std::fs::write(dir.path().join("bad.png"), b"\x89PNG\r\n\x1a\ntruncated").unwrap();
     dir
 }
+
+/// A model file whose bank disagrees with its configuration, a newer format version and an unwritable target are
+/// clear errors; a failed save leaves nothing behind.
+#[test]
+fn inconsistent_model_files_are_rejected() {
+    let Some(weights) = weights() else { return };
+    let g = Golden::load();
+    let model =
+        PatchCore::from_memory_bank(PatchCoreConfig::lite0(&weights), &g.f32("memory_bank"))
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.patchcore");
+    model.save(&path).unwrap();
+
+    // Rewrite the header: the configuration claims 512 dimensions, or the format version is from the future.
+    let rewrite = |name: &str, edit: &dyn Fn(&mut std::collections::HashMap<String, String>)| {
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let mut meta = header.metadata().clone().unwrap();
+        edit(&mut meta);
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let index = st.tensor("index").unwrap();
+        let out = safetensors::serialize([("index", index)], Some(meta)).unwrap();
+        let p = dir.path().join(name);
+        std::fs::write(&p, out).unwrap();
+        p
+    };
+    let other_dims = rewrite("dims.patchcore", &|m| {
+        let c = m["config"].replace("\"target_dim\":1024", "\"target_dim\":512");
+        m.insert("config".into(), c);
+    });
+    let e = PatchCore::load(&other_dims, None).unwrap_err();
+    assert!(
+        e.to_string().contains("dimension 1024") && e.to_string().contains("512"),
+        "{e}"
+    );
+    let future = rewrite("future.patchcore", &|m| {
+        m.insert("format_version".into(), "99".into());
+    });
+    let e = PatchCore::load(&future, None).unwrap_err();
+    assert!(
+        matches!(e, Error::UnsupportedVersion { found: 99, .. }),
+        "{e}"
+    );
+    let corrupt = rewrite("corrupt.patchcore", &|m| {
+        m.insert("index_sha256".into(), "00".repeat(32));
+    });
+    let e = PatchCore::load(&corrupt, None).unwrap_err();
+    assert!(matches!(e, Error::Checksum { what: "index", .. }), "{e}");
+    let not_model = dir.path().join("weights.patchcore");
+    std::fs::copy(&weights, &not_model).unwrap();
+    let e = PatchCore::load(&not_model, None).unwrap_err();
+    assert!(matches!(e, Error::ModelFile { .. }), "{e}");
+
+    let missing = dir.path().join("no/such/folder/m.patchcore");
+    let e = model.save(&missing).unwrap_err();
+    assert!(e.to_string().contains("no/such/folder"), "{e}");
+    assert!(!missing.exists());
+}
