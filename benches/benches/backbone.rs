@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use patchcore_backbone::{load, Arch};
 
@@ -30,9 +30,7 @@ fn bench(c: &mut Criterion) {
     let size = arch.native_input_size();
     let mut group = c.benchmark_group("efficientnet-lite0 to _blocks.10, 224x224");
     for batch in [1usize, 8] {
-        let Ok(x) = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &device)
-            .and_then(|t| t.to_dtype(DType::F32))
-        else {
+        let Ok(x) = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &device) else {
             eprintln!("backbone bench: cannot build the input");
             return;
         };

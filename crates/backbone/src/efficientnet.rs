@@ -224,7 +224,8 @@ impl EfficientNetLiteConfig {
         blocks
     }
 
-    /// Every valid tap: `_bn0` (the stem's output after its activation) and `_blocks.N`.
+    /// Every valid tap: `_bn0` (the stem's output after its activation; `stem` is accepted as an
+    /// alias) and `_blocks.N`.
     pub fn tap_names(&self) -> Vec<String> {
         std::iter::once("_bn0".to_string())
             .chain((0..self.blocks().len()).map(|i| format!("_blocks.{i}")))
@@ -285,10 +286,10 @@ pub struct TapInfo {
     pub stride: usize,
 }
 
-/// Parses `_bn0`/`_conv_stem`/`stem` or `_blocks.N` (without checking N against a model).
+/// Parses `_bn0` (alias `stem`) or `_blocks.N`, without checking N against a model.
 fn parse_tap(tap: &str) -> Option<TapPosition> {
     match tap {
-        "_bn0" | "_conv_stem" | "stem" => Some(TapPosition::Stem),
+        "_bn0" | "stem" => Some(TapPosition::Stem),
         _ => {
             let n = tap.strip_prefix("_blocks.")?;
             if n.is_empty()

@@ -35,9 +35,13 @@
 //!   call, which equals the static padding at the native size and stays correct elsewhere.
 //! * **Speed.** Candle's grouped convolution runs one convolution per group, far too slow for
 //!   depthwise layers. [`ops::DepthwiseConv2d`] is a candle custom op with a CPU kernel that is
-//!   parallel over batch × channel (rayon) and handles stride and asymmetric padding; on other
-//!   devices the code falls back to candle's grouped convolution. 1 × 1 convolutions are matrix
-//!   products through candle.
+//!   parallel over batch × channel (rayon), handles stride and asymmetric padding, and splits
+//!   strided rows into column phases so that its inner loop is contiguous. Dense and 1 × 1
+//!   convolutions run as [`ops::Conv2dGemm`], one `gemm` product per image that accumulates into
+//!   the bias and applies ReLU6 in place. On other devices every op falls back to candle's own
+//!   convolutions. On the CPU a large batch is run in sub-batches whose biggest activation stays
+//!   under 16 MiB, because buffers beyond that come from fresh pages whose first-touch faults
+//!   cost more than batching gains.
 //! * **Devices.** The default build is CPU-only; the `cuda` feature forwards to candle's.
 //!
 //! The public surface the PatchCore pipeline relies on is [`Arch`], [`Normalization`],

@@ -241,6 +241,32 @@ fn lite0_matches_an_unfolded_reference_at_odd_sizes() {
 }
 
 #[test]
+fn large_cpu_batches_are_split_into_sub_batches_transparently() {
+    // At 224 × 224 one Lite0 image peaks at 96 × 112 × 112 floats (4.8 MB), so a batch of four
+    // runs as sub-batches of three and one. The result must equal image-by-image runs.
+    let cfg = EfficientNetLiteConfig::lite0();
+    let w = synthetic_state_dict(&cfg, 3);
+    let model = EfficientNetLite::from_state_dict(
+        cfg,
+        w,
+        Path::new("synthetic"),
+        &taps(&["_blocks.2", "_bn0"]),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = Rng(5).tensor(&[4, 3, 224, 224], -2.0, 2.0);
+    let batched = model.forward_taps(&x).unwrap();
+    assert_eq!(batched[0].dims(), &[4, 24, 56, 56]);
+    assert_eq!(batched[1].dims(), &[4, 32, 112, 112]);
+    for i in 0..4 {
+        let single = model.forward_taps(&x.narrow(0, i, 1).unwrap()).unwrap();
+        for (b, s) in batched.iter().zip(&single) {
+            assert!(rel_err(&b.narrow(0, i, 1).unwrap(), s) < 1e-6);
+        }
+    }
+}
+
+#[test]
 fn only_blocks_up_to_the_deepest_tap_are_built_and_required() {
     let cfg = EfficientNetLiteConfig::lite0();
     // Weights only up to `_blocks.2`.
