@@ -45,9 +45,11 @@ pub enum CheckpointFormat {
     Safetensors,
 }
 
-/// Reads every tensor of a checkpoint, in the order the file stores them.
+/// Reads every tensor of a checkpoint.
 ///
-/// The format is detected from the file's first bytes (see [`detect_format`]). Tensors keep the
+/// PyTorch checkpoints keep the state dict's order; safetensors files, which have no order,
+/// come sorted by name. The format is detected from the file's first bytes (see
+/// [`detect_format`]). Tensors keep the
 /// element type they were saved with and are placed on `device`. Entries of the state dict that
 /// are not tensors (such as PyTorch's `_metadata`) are skipped. If the object in the file is a
 /// dict without tensors but with a `state_dict`, `model` or `model_state_dict` entry, that entry
