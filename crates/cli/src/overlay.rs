@@ -84,8 +84,8 @@ impl Collector {
             for (x, y, px) in out.enumerate_pixels_mut() {
                 let t = (map[[y as usize, x as usize]] - lo) / span;
                 let heat = jet(t);
-                for c in 0..3 {
-                    px.0[c] = (0.5 * px.0[c] as f32 + 0.5 * heat[c] as f32).round() as u8;
+                for (v, h) in px.0.iter_mut().zip(heat) {
+                    *v = (0.5 * *v as f32 + 0.5 * h as f32).round() as u8;
                 }
             }
             let rel = path.strip_prefix(base).unwrap_or(path);
