@@ -25,7 +25,7 @@ fn bench(c: &mut Criterion) {
     group
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5));
+        .measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements((2 * N * DIM * OUT) as u64));
     group.bench_function("project_100000x1024_to_128", |b| {
         b.iter(|| project(std::hint::black_box(&features), DIM, &projection, OUT))
@@ -33,7 +33,15 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(count as u64));
     group.measurement_time(Duration::from_secs(60));
     group.bench_function("greedy_100000x128_1pct", |b| {
-        b.iter(|| greedy_select(std::hint::black_box(&reduced), OUT, &starts, count, &mut |_, _| {}))
+        b.iter(|| {
+            greedy_select(
+                std::hint::black_box(&reduced),
+                OUT,
+                &starts,
+                count,
+                &mut |_, _| {},
+            )
+        })
     });
     group.finish();
 }
