@@ -14,7 +14,9 @@ const DIM: usize = 1024;
 
 fn bench(c: &mut Criterion) {
     let mut rng = ChaCha8Rng::seed_from_u64(0x6b6e6e);
-    let bank: Vec<f32> = (0..BANK * DIM).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let bank: Vec<f32> = (0..BANK * DIM)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
     let queries: Vec<f32> = (0..QUERIES * DIM)
         .map(|_| rng.random_range(-1.0..1.0))
         .collect();
@@ -30,7 +32,11 @@ fn bench(c: &mut Criterion) {
     // Criterion's element throughput is flops here, so "elem/s" reads as FLOP/s.
     group.throughput(Throughput::Elements(flops as u64));
     group.bench_function("exact_784x1024_vs_16384_k1", |b| {
-        b.iter(|| index.search(std::hint::black_box(&queries), 1).expect("search"))
+        b.iter(|| {
+            index
+                .search(std::hint::black_box(&queries), 1)
+                .expect("search")
+        })
     });
     group.finish();
 }
