@@ -12,8 +12,8 @@
 
 use std::path::Path;
 
-use image::{DynamicImage, ImageReader};
-use ndarray::Array3;
+use image::{DynamicImage, ImageDecoder, ImageReader};
+use ndarray::{Array2, Array3, ArrayView2};
 use serde::{Deserialize, Serialize};
 
 use crate::{ConfigError, Error, Normalization};
@@ -95,6 +95,36 @@ impl PreprocessConfig {
     }
 }
 
+impl PreprocessConfig {
+    /// Brings an anomaly map at the model's input size (crop × crop) back onto the original image's pixel grid
+    /// (`width` × `height`, after EXIF orientation): the map is placed where the centre crop was taken from the
+    /// resized image, the margins the crop cut away are filled with the nearest map value (they were never seen by
+    /// the model), and the result is resized bilinearly to the original size. Width and height are never swapped.
+    pub fn map_to_original(
+        &self,
+        map: ArrayView2<'_, f32>,
+        width: u32,
+        height: u32,
+    ) -> Array2<f32> {
+        let (w, h) = (width.max(1) as usize, height.max(1) as usize);
+        let (rw, rh) = resized_size(w, h, self.resize as usize);
+        let window = CropWindow::new(rw, rh, self.crop as usize);
+        let (mh, mw) = map.dim();
+        let on_resized = Array2::from_shape_fn((rh, rw), |(y, x)| {
+            let cy = (y as isize - window.top).clamp(0, mh as isize - 1) as usize;
+            let cx = (x as isize - window.left).clamp(0, mw as isize - 1) as usize;
+            map[[cy, cx]]
+        });
+        patchcore_segmentation::upsample(
+            on_resized.view(),
+            h,
+            w,
+            patchcore_segmentation::Upsample::Bilinear,
+        )
+        .expect("sizes are non-zero")
+    }
+}
+
 /// Whether the image's samples have at most 8 bits (the PIL-exact fixed-point path applies).
 fn is_8bit(image: &DynamicImage) -> bool {
     matches!(
@@ -119,7 +149,12 @@ pub fn load_image(path: &Path) -> Result<DynamicImage, Error> {
         .map_err(|e| image_err(image::ImageError::IoError(e)))?
         .with_guessed_format()
         .map_err(|e| image_err(image::ImageError::IoError(e)))?;
-    let image = reader.decode().map_err(image_err)?;
+    // The decoder keeps the reader's default memory limits, so a hostile header cannot allocate without bound.
+    let mut decoder = reader.into_decoder().map_err(image_err)?;
+    // EXIF orientation (JPEG, TIFF, WebP) is applied as image viewers do, so maps line up with what people see.
+    let orientation = decoder.orientation().map_err(image_err)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(image_err)?;
+    image.apply_orientation(orientation);
     if image.width() == 0 || image.height() == 0 {
         return Err(Error::EmptyImage {
             path: path.to_path_buf(),
