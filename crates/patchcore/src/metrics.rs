@@ -144,3 +144,29 @@ mod tests {
         assert!((auroc(&scores, &labels).unwrap() - wins / pairs).abs() < 1e-12);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::auroc;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// AUROC depends only on the order of the scores: a strictly increasing transform leaves it unchanged,
+        /// and negating the scores gives 1 − AUROC.
+        #[test]
+        fn invariant_under_monotone_transforms(
+            pairs in prop::collection::vec((0u16..50, any::<bool>()), 2..80),
+        ) {
+            let scores: Vec<f32> = pairs.iter().map(|p| p.0 as f32).collect();
+            let labels: Vec<bool> = pairs.iter().map(|p| p.1).collect();
+            prop_assume!(labels.iter().any(|&l| l) && labels.iter().any(|&l| !l));
+            let base = auroc(&scores, &labels).unwrap();
+            let exp: Vec<f32> = scores.iter().map(|s| (s / 10.0).exp() * 3.0 + 7.0).collect();
+            let cubic: Vec<f32> = scores.iter().map(|s| s * s * s - 1000.0).collect();
+            prop_assert!((auroc(&exp, &labels).unwrap() - base).abs() < 1e-12);
+            prop_assert!((auroc(&cubic, &labels).unwrap() - base).abs() < 1e-12);
+            let neg: Vec<f32> = scores.iter().map(|s| -s).collect();
+            prop_assert!((auroc(&neg, &labels).unwrap() - (1.0 - base)).abs() < 1e-12);
+        }
+    }
+}
