@@ -55,7 +55,7 @@ struct FitArgs {
     #[arg(long)]
     weights: Option<PathBuf>,
     /// Coreset ratio in (0, 1]; 1 keeps every patch.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     coreset: Option<f64>,
     /// Number of nearest neighbours averaged into a patch score.
     #[arg(long)]
@@ -66,6 +66,9 @@ struct FitArgs {
     /// Images per backbone pass.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Skip unreadable image files (each is reported with the reason) instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
     /// Hide progress bars.
     #[arg(long)]
     quiet: bool,
@@ -88,6 +91,9 @@ struct EvalArgs {
     /// Write heatmap overlays for at most this many test images (all by default).
     #[arg(long)]
     overlays: Option<usize>,
+    /// Skip unreadable image files (each is reported with the reason) instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
     /// Hide progress bars.
     #[arg(long)]
     quiet: bool,
@@ -107,6 +113,12 @@ struct PredictArgs {
     /// Do not write overlays.
     #[arg(long)]
     no_overlays: bool,
+    /// Overlay size: the model's input crop, or the original image (after EXIF orientation).
+    #[arg(long, value_enum, default_value_t = overlay::MapSize::Input)]
+    map_size: overlay::MapSize,
+    /// Skip unreadable image files (each is reported with the reason) instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
     /// Hide progress bars.
     #[arg(long)]
     quiet: bool,
@@ -126,8 +138,14 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            // Library errors already quote their cause; print only causes that add something.
+            let mut shown = e.to_string();
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let text = cause.to_string();
+                if !shown.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                    shown.push_str(&text);
+                }
             }
             std::process::ExitCode::FAILURE
         }
@@ -195,7 +213,16 @@ fn fit(a: FitArgs) -> Result<()> {
     let started = Instant::now();
     let embed_bar = bar(files.len() as u64, "embedding", a.quiet);
     let mut coreset_bar: Option<ProgressBar> = None;
-    let images = files.iter().map(|p| load_image(p));
+    let mut skipped = Skipped::new();
+    let images = files.iter().filter_map(|p| match load_image(p) {
+        Ok(image) => Some(Ok(image)),
+        Err(e) if a.skip_bad => {
+            embed_bar.suspend(|| eprintln!("skipped {}: {e}", p.display()));
+            skipped.push((p.clone(), e.to_string()));
+            None
+        }
+        Err(e) => Some(Err(e)),
+    });
     let model = PatchCore::fit(config, images, &mut |p| match p {
         Progress::Embedded { images, .. } => embed_bar.set_position(images as u64),
         Progress::Coreset { done, total } => {
@@ -217,6 +244,9 @@ fn fit(a: FitArgs) -> Result<()> {
     model
         .save(&a.out)
         .with_context(|| format!("cannot save the model to {}", a.out.display()))?;
+    if !skipped.is_empty() {
+        eprintln!("skipped {} unreadable training images", skipped.len());
+    }
     let s = model.stats();
     println!(
         "fitted on {} images: {} patches -> memory bank of {} in {:.1} s (embedding {:.1} s, coreset {:.1} s, index {:.2} s)",
@@ -232,38 +262,62 @@ fn fit(a: FitArgs) -> Result<()> {
     Ok(())
 }
 
-/// Scores files in batches of the model's batch size, reporting progress.
+/// Files that could not be read and were skipped on request, with the reason.
+type Skipped = Vec<(PathBuf, String)>;
+
+/// Scores files in batches of the model's batch size, reporting progress. `each` receives the file's index in
+/// `files`. With `skip_bad`, unreadable files are reported on stderr and collected in `skipped` instead of
+/// stopping the run.
 fn score_files(
     model: &PatchCore,
     files: &[PathBuf],
     pb: &ProgressBar,
-    mut each: impl FnMut(
-        &Path,
-        &patchcore::DynamicImage,
-        f32,
-        ndarray::ArrayView2<'_, f32>,
-    ) -> Result<()>,
+    skip_bad: bool,
+    skipped: &mut Skipped,
+    mut each: impl FnMut(usize, &patchcore::DynamicImage, f32, ndarray::ArrayView2<'_, f32>),
 ) -> Result<f64> {
     let mut predict_seconds = 0.0;
+    let mut start = 0;
     for chunk in files.chunks(model.config().batch_size) {
-        let images = chunk
-            .iter()
-            .map(|p| load_image(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let started = Instant::now();
-        let prediction = model.predict(&images)?;
-        predict_seconds += started.elapsed().as_secs_f64();
-        for (i, path) in chunk.iter().enumerate() {
-            each(
-                path,
-                &images[i],
-                prediction.image_scores[i],
-                prediction.anomaly_maps.index_axis(ndarray::Axis(0), i),
-            )?;
+        let mut images = Vec::with_capacity(chunk.len());
+        let mut kept = Vec::with_capacity(chunk.len());
+        for (offset, path) in chunk.iter().enumerate() {
+            match load_image(path) {
+                Ok(image) => {
+                    images.push(image);
+                    kept.push(start + offset);
+                }
+                Err(e) if skip_bad => {
+                    pb.suspend(|| eprintln!("skipped {}: {e}", path.display()));
+                    skipped.push((path.clone(), e.to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        start += chunk.len();
+        if !images.is_empty() {
+            let started = Instant::now();
+            let prediction = model.predict(&images)?;
+            predict_seconds += started.elapsed().as_secs_f64();
+            for (i, &index) in kept.iter().enumerate() {
+                each(
+                    index,
+                    &images[i],
+                    prediction.image_scores[i],
+                    prediction.anomaly_maps.index_axis(ndarray::Axis(0), i),
+                );
+            }
         }
         pb.inc(chunk.len() as u64);
     }
     Ok(predict_seconds)
+}
+
+fn skipped_json(skipped: &Skipped) -> serde_json::Value {
+    skipped
+        .iter()
+        .map(|(p, why)| json!({ "path": p, "reason": why }))
+        .collect()
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
@@ -277,16 +331,25 @@ fn eval(a: EvalArgs) -> Result<()> {
         .with_context(|| format!("cannot create the output folder {}", a.out.display()))?;
     let pb = bar(files.len() as u64, "scoring", a.quiet);
     let limit = a.overlays.unwrap_or(usize::MAX);
-    let mut maps = overlay::Collector::new(limit);
-    let mut scores = Vec::with_capacity(files.len());
+    let mut maps = overlay::Collector::new(limit, overlay::MapSize::Input);
+    let mut scored: Vec<(usize, f32)> = Vec::with_capacity(files.len());
+    let mut skipped = Skipped::new();
     let started = Instant::now();
-    let predict_seconds = score_files(&model, &files, &pb, |path, image, score, map| {
-        scores.push(score);
-        maps.push(path, image, model.config(), map);
-        Ok(())
-    })?;
+    let predict_seconds = score_files(
+        &model,
+        &files,
+        &pb,
+        a.skip_bad,
+        &mut skipped,
+        |i, image, score, map| {
+            scored.push((i, score));
+            maps.push(&files[i], image, model.config(), map);
+        },
+    )?;
     let eval_seconds = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    let test: Vec<_> = scored.iter().map(|&(i, _)| test[i].clone()).collect();
+    let scores: Vec<f32> = scored.iter().map(|&(_, s)| s).collect();
     let labels: Vec<bool> = test.iter().map(|t| t.kind != "good").collect();
     let auroc = patchcore::metrics::auroc(&scores, &labels)
         .with_context(|| format!("cannot evaluate {}", a.data.display()))?;
@@ -322,25 +385,32 @@ fn eval(a: EvalArgs) -> Result<()> {
             "eval_model_load_seconds": load_seconds,
             "eval_total_seconds": eval_seconds,
             "predict_seconds": predict_seconds,
-            "predict_seconds_per_image": predict_seconds / files.len().max(1) as f64,
+            "predict_seconds_per_image": predict_seconds / scores.len().max(1) as f64,
         },
         "fit": stats,
         "config": model.config(),
         "overlays": written,
+        "skipped": skipped_json(&skipped),
         "scores": entries,
     });
     let path = a.out.join("report.json");
     overlay::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    if !skipped.is_empty() {
+        eprintln!(
+            "skipped {} unreadable test images (listed in report.json)",
+            skipped.len()
+        );
+    }
     println!(
         "image AUROC {auroc:.4} on {} test images ({}), bank size {}, {:.1} ms per image",
-        files.len(),
+        scores.len(),
         kinds
             .iter()
             .map(|(k, n)| format!("{n} {k}"))
             .collect::<Vec<_>>()
             .join(", "),
         model.bank_size(),
-        1000.0 * predict_seconds / files.len().max(1) as f64
+        1000.0 * predict_seconds / scores.len().max(1) as f64
     );
     println!("report written to {} ({written} overlays)", path.display());
     Ok(())
@@ -362,17 +432,36 @@ fn predict(a: PredictArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create the output folder {}", a.out.display()))?;
     let pb = bar(files.len() as u64, "scoring", a.quiet);
-    let mut maps = overlay::Collector::new(if a.no_overlays { 0 } else { usize::MAX });
+    let limit = if a.no_overlays { 0 } else { usize::MAX };
+    let mut maps = overlay::Collector::new(limit, a.map_size);
     let mut entries = Vec::new();
-    score_files(&model, &files, &pb, |path, image, score, map| {
-        entries.push(json!({ "path": path, "score": score }));
-        maps.push(path, image, model.config(), map);
-        Ok(())
-    })?;
+    let mut skipped = Skipped::new();
+    score_files(
+        &model,
+        &files,
+        &pb,
+        a.skip_bad,
+        &mut skipped,
+        |i, image, score, map| {
+            entries.push(json!({
+                "path": files[i],
+                "score": score,
+                "width": image.width(),
+                "height": image.height(),
+            }));
+            maps.push(&files[i], image, model.config(), map);
+        },
+    )?;
     pb.finish_and_clear();
-    let written = maps.write(&a.out.join("overlays"), Path::new(""))?;
+    // Overlays of loose files are named by file name alone.
+    let written = maps.write(&a.out.join("overlays"), Path::new("/"))?;
     let path = a.out.join("predictions.json");
-    let doc = json!({ "model": a.model, "predictions": entries, "overlays": written });
+    let doc = json!({
+        "model": a.model,
+        "predictions": entries,
+        "overlays": written,
+        "skipped": skipped_json(&skipped),
+    });
     overlay::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
     for e in &entries {
         println!("{}\t{}", e["score"], e["path"].as_str().unwrap_or_default());

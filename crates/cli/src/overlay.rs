@@ -27,16 +27,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Where overlays are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MapSize {
+    /// On the model's input: the resized, centre-cropped image.
+    Input,
+    /// On the original image, with the map brought back to its size and orientation.
+    Original,
+}
+
 /// Keeps the input crops and maps of up to `limit` images, so that all overlays share one colour scale.
 pub struct Collector {
     limit: usize,
+    size: MapSize,
     items: Vec<(PathBuf, RgbImage, Array2<f32>)>,
 }
 
 impl Collector {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, size: MapSize) -> Self {
         Self {
             limit,
+            size,
             items: Vec::new(),
         }
     }
@@ -49,6 +60,14 @@ impl Collector {
         map: ArrayView2<'_, f32>,
     ) {
         if self.items.len() >= self.limit {
+            return;
+        }
+        if self.size == MapSize::Original {
+            let base = image.to_rgb8();
+            let map = config
+                .preprocess
+                .map_to_original(map, base.width(), base.height());
+            self.items.push((path.to_path_buf(), base, map));
             return;
         }
         let input = config.preprocess.apply(image);
@@ -79,6 +98,7 @@ impl Collector {
                 (lo.min(v), hi.max(v))
             });
         let span = if hi > lo { hi - lo } else { 1.0 };
+        let mut used = std::collections::HashSet::new();
         for (path, crop, map) in &self.items {
             let mut out = crop.clone();
             for (x, y, px) in out.enumerate_pixels_mut() {
@@ -88,13 +108,27 @@ impl Collector {
                     *v = (0.5 * *v as f32 + 0.5 * h as f32).round() as u8;
                 }
             }
-            let rel = path.strip_prefix(base).unwrap_or(path);
-            let rel = rel.strip_prefix("test").unwrap_or(rel);
-            let name: String = rel
-                .with_extension("")
-                .to_string_lossy()
-                .trim_start_matches('/')
-                .replace(['/', '\\'], "_");
+            let name = if base == Path::new("/") {
+                path.file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                let rel = path.strip_prefix(base).unwrap_or(path);
+                let rel = rel.strip_prefix("test").unwrap_or(rel);
+                rel.with_extension("")
+                    .to_string_lossy()
+                    .trim_start_matches('/')
+                    .replace(['/', '\\'], "_")
+            };
+            // Two inputs with the same name get numbered overlays instead of overwriting each other.
+            let mut unique = name.clone();
+            let mut n = 1;
+            while !used.insert(unique.clone()) {
+                n += 1;
+                unique = format!("{name}-{n}");
+            }
+            let name = unique;
             let mut png = Vec::new();
             out.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
                 .context("cannot encode an overlay PNG")?;
