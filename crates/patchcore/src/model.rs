@@ -105,8 +105,17 @@ struct Parts {
 impl Parts {
     fn new(config: &PatchCoreConfig) -> Result<Self, Error> {
         config.validate()?;
-        let device = device(config.device)?;
         let weights_sha256 = patchcore_backbone::file_sha256(&config.backbone.weights)?;
+        Self::with_weights_sha256(config, weights_sha256)
+    }
+
+    /// Like [`Parts::new`] when the weights' SHA-256 is already known.
+    fn with_weights_sha256(
+        config: &PatchCoreConfig,
+        weights_sha256: String,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let device = device(config.device)?;
         let backbone = patchcore_backbone::load(
             config.backbone.arch,
             &config.backbone.weights,
@@ -146,9 +155,12 @@ fn embed(
     input: ArrayView4<'_, f32>,
 ) -> Result<patchcore_patch::PatchEmbeddings, Error> {
     let (b, c, h, w) = input.dim();
+    let t0 = Instant::now();
     let data: Vec<f32> = input.iter().copied().collect();
     let x = Tensor::from_vec(data, (b, c, h, w), device)?;
+    let t1 = Instant::now();
     let taps = backbone.extract(&x)?;
+    let t2 = Instant::now();
     let maps = taps
         .iter()
         .map(|t| {
@@ -158,7 +170,19 @@ fn embed(
         })
         .collect::<Result<Vec<_>, Error>>()?;
     let views: Vec<_> = maps.iter().map(|m| m.view()).collect();
-    Ok(embedder.embed(&views)?)
+    let t3 = Instant::now();
+    let e = embedder.embed(&views)?;
+    let t4 = Instant::now();
+    if std::env::var_os("PCPROF").is_some() {
+        eprintln!(
+            "PROF in {:?} bb {:?} conv {:?} emb {:?}",
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            t4 - t3
+        );
+    }
+    Ok(e)
 }
 
 impl PatchCore {
@@ -325,7 +349,11 @@ impl PatchCore {
     pub fn predict(&self, images: &[DynamicImage]) -> Result<Prediction, Error> {
         let mut out: Option<Prediction> = None;
         for chunk in images.chunks(self.config.batch_size.max(1)) {
+            let t0 = Instant::now();
             let input = prepare(&self.config, chunk);
+            if std::env::var_os("PCPROF").is_some() {
+                eprintln!("PROF prep {:?}", t0.elapsed());
+            }
             let p = self.predict_input(input.view())?;
             out = Some(match out {
                 None => p,
@@ -363,7 +391,9 @@ impl PatchCore {
         let emb = embed(self.backbone.as_ref(), &self.embedder, &self.device, input)?;
         let (gh, gw) = emb.grid;
         let rows = emb.rows.as_slice().expect("embedding rows are contiguous");
+        let t0 = Instant::now();
         let neighbors = self.index.search(rows, self.config.k)?;
+        let t1 = Instant::now();
         let scores: Vec<f32> = match self.config.scoring {
             Scoring::MeanOfK => (0..neighbors.len())
                 .map(|i| {
@@ -377,7 +407,16 @@ impl PatchCore {
         let patch_scores = grid
             .into_shape_with_order((emb.batch, gh, gw))
             .expect("unpatched scores have batch × grid entries");
+        let t2 = Instant::now();
         let anomaly_maps = self.segmentor.segment(patch_scores.view())?;
+        if std::env::var_os("PCPROF").is_some() {
+            eprintln!(
+                "PROF search {:?} score {:?} seg {:?}",
+                t1 - t0,
+                t2 - t1,
+                t2.elapsed()
+            );
+        }
         Ok(Prediction {
             image_scores,
             patch_scores,
@@ -451,15 +490,67 @@ impl PatchCore {
     /// [`Error::Io`], [`Error::ModelFile`] (not a model, truncated, inconsistent dimensions),
     /// [`Error::UnsupportedVersion`], [`Error::Checksum`], [`Error::WeightsMismatch`].
     pub fn load(path: &Path, weights: Option<&Path>) -> Result<Self, Error> {
-        let bad = |reason: String| Error::ModelFile {
-            path: path.to_path_buf(),
-            reason,
-        };
         let bytes = std::fs::read(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        let file = ModelFile::from_bytes(&bytes, path)?;
+        let mut config = file.config;
+        if let Some(w) = weights {
+            config.backbone.weights = w.to_path_buf();
+        }
+        // Check the weights' identity before building the backbone, so that other weights are reported as such
+        // rather than as a shape error.
+        let got = patchcore_backbone::file_sha256(&config.backbone.weights)?;
+        if got != file.weights_sha256 {
+            return Err(Error::WeightsMismatch {
+                path: config.backbone.weights.clone(),
+                expected: file.weights_sha256,
+                got,
+            });
+        }
+        let parts = Parts::with_weights_sha256(&config, got)?;
+        Ok(Self {
+            config,
+            backbone: parts.backbone,
+            embedder: parts.embedder,
+            index: file.index,
+            segmentor: parts.segmentor,
+            device: parts.device,
+            weights_sha256: parts.weights_sha256,
+            stats: file.stats,
+        })
+    }
+}
+
+/// The content of a model file, parsed and checked without loading the backbone.
+#[derive(Debug)]
+pub struct ModelFile {
+    /// The format version the file was written with.
+    pub format_version: u32,
+    /// The full configuration.
+    pub config: PatchCoreConfig,
+    /// Facts about the fit.
+    pub stats: FitStats,
+    /// SHA-256 of the backbone weights the model was fitted with.
+    pub weights_sha256: String,
+    /// The memory bank's search index.
+    pub index: Box<dyn KnnIndex>,
+}
+
+impl ModelFile {
+    /// Parses and checks a model file's bytes: container, format name and version, configuration, the index's
+    /// checksum, and the consistency of the bank with the configuration. `path` only names the file in errors.
+    ///
+    /// # Errors
+    /// [`Error::ModelFile`], [`Error::UnsupportedVersion`], [`Error::Checksum`], [`Error::Config`],
+    /// [`Error::KTooLarge`], [`Error::Knn`] (a corrupt index).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, Error> {
+        let bad = |reason: String| Error::ModelFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a PatchCore model file ({e})")))?;
         let meta = header
             .metadata()
@@ -473,29 +564,29 @@ impl PatchCore {
         if field("format")? != "patchcore-model" {
             return Err(bad("not a PatchCore model file (wrong `format`)".into()));
         }
-        let version: u32 = field("format_version")?
+        let format_version: u32 = field("format_version")?
             .parse()
             .map_err(|_| bad("`format_version` is not a number".into()))?;
-        if version > FORMAT_VERSION {
+        if format_version > FORMAT_VERSION {
             return Err(Error::UnsupportedVersion {
                 path: path.to_path_buf(),
-                found: version,
+                found: format_version,
                 supported: FORMAT_VERSION,
             });
         }
-        let mut config: PatchCoreConfig = serde_json::from_str(&field("config")?)
+        let config: PatchCoreConfig = serde_json::from_str(&field("config")?)
             .map_err(|e| bad(format!("invalid `config`: {e}")))?;
+        config.validate()?;
         let stats: FitStats = serde_json::from_str(&field("stats")?)
             .map_err(|e| bad(format!("invalid `stats`: {e}")))?;
-        let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        let tensors = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| bad(format!("truncated or corrupt tensor data ({e})")))?;
         let payload = tensors
             .tensor("index")
             .map_err(|_| bad("the `index` tensor is missing".into()))?
-            .data()
-            .to_vec();
+            .data();
         let expected = field("index_sha256")?;
-        let got = sha256_hex(&payload);
+        let got = sha256_hex(payload);
         if expected != got {
             return Err(Error::Checksum {
                 path: path.to_path_buf(),
@@ -504,19 +595,8 @@ impl PatchCore {
                 got,
             });
         }
-        if let Some(w) = weights {
-            config.backbone.weights = w.to_path_buf();
-        }
-        let parts = Parts::new(&config)?;
-        let recorded = field("weights_sha256")?;
-        if parts.weights_sha256 != recorded {
-            return Err(Error::WeightsMismatch {
-                path: config.backbone.weights.clone(),
-                expected: recorded,
-                got: parts.weights_sha256,
-            });
-        }
-        let index = config.index.read_from(&mut payload.as_slice())?;
+        let mut reader = payload;
+        let index = config.index.read_from(&mut reader)?;
         if index.dim() != config.embed.target_dim {
             return Err(bad(format!(
                 "the memory bank has dimension {}, but the configuration's target_dim is {}",
@@ -531,14 +611,11 @@ impl PatchCore {
             });
         }
         Ok(Self {
+            format_version,
             config,
-            backbone: parts.backbone,
-            embedder: parts.embedder,
-            index,
-            segmentor: parts.segmentor,
-            device: parts.device,
-            weights_sha256: parts.weights_sha256,
             stats,
+            weights_sha256: field("weights_sha256")?,
+            index,
         })
     }
 }

@@ -192,6 +192,7 @@ fn fit_save_load_predict_round_trip() {
     let other = dir.path().join("other.pth");
     std::fs::write(&other, b"not the weights").unwrap();
     let e = PatchCore::load(&path, Some(&other)).unwrap_err();
+    assert!(matches!(e, Error::WeightsMismatch { .. }), "{e}");
     assert!(e.to_string().contains("other.pth"), "{e}");
 }
 
