@@ -312,13 +312,19 @@ impl Embedder {
         let per_image = h0 * w0;
 
         // Pool every layer on its own patch grid: (B, gh, gw, pretrain_dim).
-        let pooled: Vec<(Array3<f32>, usize, usize)> = layers
+        // Layers on the first layer's grid are pooled straight into each row; deeper layers are pooled on their own
+        // (coarser) grid first and then interpolated.
+        let padded: Vec<PaddedLayer> = layers
             .iter()
-            .map(|l| pool_layer(l, patch, pre))
+            .map(|l| PaddedLayer::new(l, patch, pre))
             .collect::<Result<_, _>>()?;
+        let pooled: Vec<Option<Array3<f32>>> = padded
+            .iter()
+            .map(|l| ((l.gh, l.gw) != (h0, w0)).then(|| l.pool_all()))
+            .collect();
 
         let stacked_len = pre * layers.len();
-        let agg_bins = adaptive_pool_bins(stacked_len, self.config.target_dim);
+        let agg = PoolPlan::new((0..stacked_len).collect(), self.config.target_dim);
         let mut rows = Array2::<f32>::zeros((batch * per_image, self.config.target_dim));
         rows.axis_iter_mut(Axis(0))
             .into_par_iter()
@@ -328,19 +334,26 @@ impl Embedder {
                 |stacked, (row, mut dst)| {
                     let (b, pos) = (row / per_image, row % per_image);
                     let (y, x) = (pos / w0, pos % w0);
-                    for (li, (grid, gh, gw)) in pooled.iter().enumerate() {
+                    for (li, (layer, grid)) in padded.iter().zip(&pooled).enumerate() {
                         let out = &mut stacked[li * pre..(li + 1) * pre];
-                        let image = grid.index_axis(Axis(0), b);
-                        let image = image.as_slice().expect("pooled grids are contiguous");
-                        if (*gh, *gw) == (h0, w0) {
-                            let at = (y * w0 + x) * pre;
-                            out.copy_from_slice(&image[at..at + pre]);
-                        } else {
-                            bilinear_sample(image, (*gh, *gw), pre, (h0, w0), (y, x), out);
+                        match grid {
+                            None => layer.pool_at(b, y, x, out),
+                            Some(grid) => {
+                                let image = grid.index_axis(Axis(0), b);
+                                let image = image.as_slice().expect("pooled grids are contiguous");
+                                bilinear_sample(
+                                    image,
+                                    (layer.gh, layer.gw),
+                                    pre,
+                                    (h0, w0),
+                                    (y, x),
+                                    out,
+                                );
+                            }
                         }
                     }
                     let dst = dst.as_slice_mut().expect("embedding rows are contiguous");
-                    adaptive_avg_pool1d(stacked, &agg_bins, dst);
+                    agg.apply(stacked, dst);
                 },
             );
         Ok(PatchEmbeddings {
@@ -351,43 +364,169 @@ impl Embedder {
     }
 }
 
-/// Unfolds and pools one layer on its own patch grid: returns (B, gh·gw·pretrain_dim as (B, gh·gw, pre)), gh, gw.
-fn pool_layer(
-    layer: &ArrayView4<'_, f32>,
-    patch: PatchMaker,
+/// `adaptive_avg_pool1d` over values gathered from a buffer, planned once and applied to many vectors.
+///
+/// Input value `u` of the pooled vector is read at `base + offsets[u]`. Bins of one or two values, the only
+/// kinds that occur when the output is at least half as long as the input (every PatchCore default), are
+/// evaluated without a loop; the arithmetic is that of [`adaptive_avg_pool1d`] to the bit: `0 + a` for one value
+/// (division by 1 is exact), and `(0 + a) + b` halved for two (halving by multiplication is exact as well).
+#[derive(Clone, Debug)]
+struct PoolPlan {
+    /// Per output: the offset of its first value, of its second value (equal to the first for a bin of one
+    /// value), and the bin's length.
+    bins: Vec<(usize, usize, usize)>,
+    /// The offsets of every value of every bin, for bins longer than two (indexed by the bin's first value).
+    offsets: Vec<usize>,
+    /// The first value of each bin, for bins longer than two.
+    starts: Vec<usize>,
+    /// Whether every bin holds one or two values.
+    short: bool,
+}
+
+impl PoolPlan {
+    /// Plans pooling `offsets.len()` gathered values to `out` outputs.
+    fn new(offsets: Vec<usize>, out: usize) -> Self {
+        let ranges = adaptive_pool_bins(offsets.len(), out);
+        let bins = ranges
+            .iter()
+            .map(|&(start, end)| {
+                let second = if end - start >= 2 { start + 1 } else { start };
+                (offsets[start], offsets[second], end - start)
+            })
+            .collect();
+        let starts = ranges.iter().map(|&(start, _)| start).collect();
+        let short = ranges.iter().all(|&(start, end)| end - start <= 2);
+        Self {
+            short,
+            bins,
+            offsets,
+            starts,
+        }
+    }
+
+    /// Pools the values at `src[offsets[u]]` into `dst`.
+    #[inline]
+    fn apply(&self, src: &[f32], dst: &mut [f32]) {
+        if self.short {
+            // Both candidate results are computed and one is selected, so that the irregular pattern of bin
+            // lengths costs no mispredicted branches.
+            for (o, &(a, b, len)) in dst.iter_mut().zip(&self.bins) {
+                let one = 0.0 + src[a];
+                let two = (one + src[b]) * 0.5;
+                *o = if len == 2 { two } else { one };
+            }
+            return;
+        }
+        for (o, (&(a, b, len), &start)) in dst.iter_mut().zip(self.bins.iter().zip(&self.starts)) {
+            *o = match len {
+                1 => 0.0 + src[a],
+                2 => ((0.0 + src[a]) + src[b]) * 0.5,
+                _ => {
+                    let mut sum = 0.0f32;
+                    for &off in &self.offsets[start..start + len] {
+                        sum += src[off];
+                    }
+                    sum / len as f32
+                }
+            };
+        }
+    }
+}
+
+/// One layer's maps copied into zero-padded planes, ready to be unfolded and pooled at any patch position.
+///
+/// Unfolding and pooling are fused: every pooled value is summed straight from the padded planes through a
+/// [`PoolPlan`] of offsets, in the order in which the unfolded vector would be summed, so the result is bit-for-bit
+/// that of unfolding first and pooling afterwards, without the unfolded vectors ever being stored.
+struct PaddedLayer {
+    /// (B, C, ph, pw), the map at (pad, pad) inside each plane, zeros around it.
+    data: Vec<f32>,
+    /// Values per padded image, C·ph·pw.
+    per_image: usize,
+    /// Padded plane width.
+    pw: usize,
+    /// Patch stride.
+    stride: usize,
+    /// Patch grid (height, width).
+    gh: usize,
+    gw: usize,
+    /// Pooling from the unfolded patch to the pretrain dimension.
+    plan: PoolPlan,
+    /// Pretrain dimension.
     pre: usize,
-) -> Result<(Array3<f32>, usize, usize), PatchError> {
-    let (b, c, h, w) = layer.dim();
-    let (gh, gw) = patch.grid(h, w)?;
-    let p = patch.size;
-    let len = c * p * p;
-    let bins = adaptive_pool_bins(len, pre);
-    let mut out = Array3::<f32>::zeros((b, gh * gw, pre));
-    let per_image = gh * gw;
-    out.as_slice_mut()
-        .expect("fresh arrays are contiguous")
-        .par_chunks_mut(pre)
-        .enumerate()
-        .for_each_init(
-            || vec![0.0f32; len],
-            |unfolded, (row, dst)| {
-                let (bi, pos) = (row / per_image, row % per_image);
-                let (gy, gx) = (pos / gw, pos % gw);
-                for ch in 0..c {
-                    for ky in 0..p {
-                        for kx in 0..p {
-                            unfolded[ch * p * p + ky * p + kx] =
-                                match patch.source(gy, gx, ky, kx, h, w) {
-                                    Some((y, x)) => layer[[bi, ch, y, x]],
-                                    None => 0.0,
-                                };
-                        }
+}
+
+impl PaddedLayer {
+    fn new(layer: &ArrayView4<'_, f32>, patch: PatchMaker, pre: usize) -> Result<Self, PatchError> {
+        let (b, c, h, w) = layer.dim();
+        let (gh, gw) = patch.grid(h, w)?;
+        let p = patch.size;
+        let s = patch.stride;
+        let pad = patch.padding();
+        // The padded plane must hold every position a patch reads: the last patch starts at (g − 1)·s − pad and
+        // is p positions wide, which may reach beyond the map's far border (always inside the padding).
+        let ph = ((gh - 1) * s + p).max(h + pad);
+        let pw = ((gw - 1) * s + p).max(w + pad);
+        // Value `u` of a patch's unfolded vector (channel-major, then kernel row, then kernel column) lies at this
+        // offset in the padded image, relative to the patch's top-left corner.
+        let offsets: Vec<usize> = (0..c * p * p)
+            .map(|u| {
+                let (ch, ky, kx) = (u / (p * p), (u / p) % p, u % p);
+                (ch * ph + ky) * pw + kx
+            })
+            .collect();
+        let plan = PoolPlan::new(offsets, pre);
+        let contiguous = layer.as_standard_layout();
+        let src = contiguous
+            .as_slice()
+            .expect("standard-layout arrays are contiguous");
+        let per_image = c * ph * pw;
+        let mut data = vec![0f32; b * per_image];
+        data.par_chunks_mut(per_image)
+            .zip(src.par_chunks(c * h * w))
+            .for_each(|(dst, image)| {
+                for (ch, plane) in image.chunks_exact(h * w).enumerate() {
+                    for (y, row) in plane.chunks_exact(w).enumerate() {
+                        let at = (ch * ph + y + pad) * pw + pad;
+                        dst[at..at + w].copy_from_slice(row);
                     }
                 }
-                adaptive_avg_pool1d(unfolded, &bins, dst);
-            },
-        );
-    Ok((out, gh, gw))
+            });
+        Ok(Self {
+            data,
+            per_image,
+            pw,
+            stride: s,
+            gh,
+            gw,
+            plan,
+            pre,
+        })
+    }
+
+    /// The pooled patch of image `b` at grid position (`gy`, `gx`).
+    #[inline]
+    fn pool_at(&self, b: usize, gy: usize, gx: usize, out: &mut [f32]) {
+        let image = &self.data[b * self.per_image..(b + 1) * self.per_image];
+        self.plan
+            .apply(&image[gy * self.stride * self.pw + gx * self.stride..], out);
+    }
+
+    /// Every pooled patch, (B, gh·gw, pretrain_dim).
+    fn pool_all(&self) -> Array3<f32> {
+        let b = self.data.len() / self.per_image.max(1);
+        let per_image = self.gh * self.gw;
+        let mut out = Array3::<f32>::zeros((b, per_image, self.pre));
+        out.as_slice_mut()
+            .expect("fresh arrays are contiguous")
+            .par_chunks_mut(self.pre)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (bi, pos) = (row / per_image, row % per_image);
+                self.pool_at(bi, pos / self.gw, pos % self.gw, dst);
+            });
+        out
+    }
 }
 
 /// Source index and weights of PyTorch's `upsample_bilinear2d` (align_corners=False) along one axis.
@@ -509,6 +648,46 @@ mod tests {
             for j in 0..3 {
                 let want: f32 = row.iter().skip(6 * j).take(6).sum::<f32>() / 6.0;
                 assert!((emb.rows[[r, j]] - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn fused_pooling_is_bitwise_unfold_then_pool() {
+        // Values with awkward bits, negative zeros among them, and every kind of bin: pooling down (long bins),
+        // to the same length, and up (bins of one and two values).
+        let map = Array4::from_shape_fn((2, 3, 5, 6), |(b, c, y, x)| {
+            let i = ((b * 3 + c) * 5 + y) * 6 + x;
+            if i % 7 == 0 {
+                -0.0
+            } else {
+                ((i as f32) * 0.7311).sin() * 3.3
+            }
+        });
+        for patch in [PatchMaker::inspection(), PatchMaker { size: 2, stride: 2 }] {
+            for (pre, target) in [(4, 3), (7, 7), (27, 40), (54, 20), (100, 100), (100, 250)] {
+                let cfg = EmbedConfig {
+                    patch,
+                    pretrain_dim: pre,
+                    target_dim: target,
+                };
+                let emb = Embedder::new(cfg).unwrap().embed(&[map.view()]).unwrap();
+                let mut row = 0;
+                for b in 0..2 {
+                    let unfolded = patch.unfold(map.index_axis(Axis(0), b)).unwrap();
+                    let pre_bins = adaptive_pool_bins(unfolded.dim().1, pre);
+                    let agg_bins = adaptive_pool_bins(pre, target);
+                    for u in unfolded.axis_iter(Axis(0)) {
+                        let mut pooled = vec![0.0; pre];
+                        adaptive_avg_pool1d(u.as_slice().unwrap(), &pre_bins, &mut pooled);
+                        let mut want = vec![0.0; target];
+                        adaptive_avg_pool1d(&pooled, &agg_bins, &mut want);
+                        let got: Vec<u32> = emb.rows.row(row).iter().map(|v| v.to_bits()).collect();
+                        let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{patch:?}, {pre} → {target}, row {row}");
+                        row += 1;
+                    }
+                }
             }
         }
     }

@@ -172,34 +172,61 @@ impl GaussianBlur {
         Ok(self.pass(cols.view(), &k, Axis(1)))
     }
 
+    /// One 1-D pass along `axis`, accumulated in f64 and stored as f32.
+    ///
+    /// Every output is computed exactly as scipy's symmetric-kernel loop does (centre first, then the pairs from
+    /// the inside out, each pair summed before it is weighted), so the result is bit-for-bit scipy's. The loops
+    /// are arranged so that the innermost one runs over contiguous outputs of a row and vectorises: along axis 0
+    /// whole rows are combined, and along axis 1 each row is first extended by its border samples.
     fn pass(&self, map: ArrayView2<'_, f32>, k: &[f64], axis: Axis) -> Array2<f32> {
         let (h, w) = map.dim();
-        let r = (k.len() / 2) as isize;
-        let mut out = Array2::<f32>::zeros((h, w));
-        let len = if axis == Axis(0) { h } else { w };
+        let r = k.len() / 2;
         let border = self.border;
-        out.axis_iter_mut(Axis(0))
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(y, mut row)| {
-                for x in 0..w {
-                    let pos = if axis == Axis(0) { y } else { x } as isize;
-                    let at = |d: isize| -> f64 {
-                        let i = border.index(pos + d, len);
-                        (if axis == Axis(0) {
-                            map[[i, x]]
-                        } else {
-                            map[[y, i]]
-                        }) as f64
-                    };
-                    // scipy's symmetric-kernel loop: centre first, then pairs from the inside out.
-                    let mut acc = at(0) * k[r as usize];
-                    for j in 1..=r {
-                        acc += (at(j) + at(-j)) * k[(r + j) as usize];
-                    }
-                    row[x] = acc as f32;
+        let mut out = Array2::<f32>::zeros((h, w));
+        let mut acc = vec![0f64; w];
+        if axis == Axis(0) {
+            let rows: Vec<Vec<f64>> = map
+                .axis_iter(Axis(0))
+                .map(|row| row.iter().map(|&v| f64::from(v)).collect())
+                .collect();
+            for (y, mut dst) in out.axis_iter_mut(Axis(0)).enumerate() {
+                for (a, &v) in acc.iter_mut().zip(&rows[y]) {
+                    *a = v * k[r];
                 }
-            });
+                for j in 1..=r {
+                    let below = &rows[border.index(y as isize + j as isize, h)];
+                    let above = &rows[border.index(y as isize - j as isize, h)];
+                    let kj = k[r + j];
+                    for ((a, &p), &m) in acc.iter_mut().zip(below).zip(above) {
+                        *a += (p + m) * kj;
+                    }
+                }
+                for (d, &a) in dst.iter_mut().zip(&acc) {
+                    *d = a as f32;
+                }
+            }
+        } else {
+            let mut extended = vec![0f64; w + 2 * r];
+            for (src, mut dst) in map.axis_iter(Axis(0)).zip(out.axis_iter_mut(Axis(0))) {
+                for (t, e) in extended.iter_mut().enumerate() {
+                    *e = f64::from(src[border.index(t as isize - r as isize, w)]);
+                }
+                for (a, &v) in acc.iter_mut().zip(&extended[r..r + w]) {
+                    *a = v * k[r];
+                }
+                for j in 1..=r {
+                    let right = &extended[r + j..r + j + w];
+                    let left = &extended[r - j..r - j + w];
+                    let kj = k[r + j];
+                    for ((a, &p), &m) in acc.iter_mut().zip(right).zip(left) {
+                        *a += (p + m) * kj;
+                    }
+                }
+                for (d, &a) in dst.iter_mut().zip(&acc) {
+                    *d = a as f32;
+                }
+            }
+        }
         out
     }
 }
@@ -225,11 +252,15 @@ pub fn upsample(
     match mode {
         Upsample::Bilinear => {
             let xs: Vec<_> = (0..out_w).map(|x| bilinear_source(x, w, out_w)).collect();
-            for y in 0..out_h {
+            let grid = grid.as_standard_layout();
+            let g = grid
+                .as_slice()
+                .expect("standard-layout arrays are contiguous");
+            for (y, mut dst) in out.axis_iter_mut(Axis(0)).enumerate() {
                 let (y0, y1, ly0, ly1) = bilinear_source(y, h, out_h);
-                for (x, &(x0, x1, lx0, lx1)) in xs.iter().enumerate() {
-                    out[[y, x]] = ly0 * (lx0 * grid[[y0, x0]] + lx1 * grid[[y0, x1]])
-                        + ly1 * (lx0 * grid[[y1, x0]] + lx1 * grid[[y1, x1]]);
+                let (r0, r1) = (&g[y0 * w..(y0 + 1) * w], &g[y1 * w..(y1 + 1) * w]);
+                for (d, &(x0, x1, lx0, lx1)) in dst.iter_mut().zip(&xs) {
+                    *d = ly0 * (lx0 * r0[x0] + lx1 * r0[x1]) + ly1 * (lx0 * r1[x0] + lx1 * r1[x1]);
                 }
             }
         }
@@ -312,11 +343,16 @@ impl Segmentor {
         let (b, _, _) = grids.dim();
         let (oh, ow) = self.size;
         let mut out = Array3::<f32>::zeros((b, oh, ow));
-        for (i, grid) in grids.axis_iter(Axis(0)).enumerate() {
-            let up = upsample(grid, oh, ow, self.config.upsample)?;
-            let map = self.config.blur.apply(up.view())?;
-            out.index_axis_mut(Axis(0), i).assign(&map);
-        }
+        // One map per work item: the maps are independent and each is small enough for one core.
+        out.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .zip(grids.axis_iter(Axis(0)).into_par_iter())
+            .try_for_each(|(mut dst, grid)| {
+                let up = upsample(grid, oh, ow, self.config.upsample)?;
+                let map = self.config.blur.apply(up.view())?;
+                dst.assign(&map);
+                Ok(())
+            })?;
         Ok(out)
     }
 }
@@ -325,6 +361,55 @@ impl Segmentor {
 mod tests {
     use super::*;
     use ndarray::array;
+
+    /// The blur written the plain way: one output at a time, every tap through [`Border::index`].
+    fn naive_blur(blur: &GaussianBlur, map: ArrayView2<'_, f32>) -> Array2<f32> {
+        let k = blur.kernel();
+        let r = (k.len() / 2) as isize;
+        let pass = |m: ArrayView2<'_, f32>, axis: usize| {
+            let (h, w) = m.dim();
+            Array2::from_shape_fn((h, w), |(y, x)| {
+                let at = |d: isize| -> f64 {
+                    if axis == 0 {
+                        f64::from(m[[blur.border.index(y as isize + d, h), x]])
+                    } else {
+                        f64::from(m[[y, blur.border.index(x as isize + d, w)]])
+                    }
+                };
+                let mut acc = at(0) * k[r as usize];
+                for j in 1..=r {
+                    acc += (at(j) + at(-j)) * k[(r + j) as usize];
+                }
+                acc as f32
+            })
+        };
+        let cols = pass(map, 0);
+        pass(cols.view(), 1)
+    }
+
+    #[test]
+    fn blur_is_bitwise_the_plain_loop() {
+        for border in [
+            Border::ScipyReflect,
+            Border::TorchReflect,
+            Border::Replicate,
+        ] {
+            for (h, w, sigma) in [(224, 224, 4.0), (7, 30, 4.0), (1, 5, 1.5), (13, 2, 0.0)] {
+                let blur = GaussianBlur {
+                    sigma,
+                    truncate: 4.0,
+                    border,
+                };
+                let map = Array2::from_shape_fn((h, w), |(y, x)| {
+                    ((y * 31 + x * 17) as f32 * 0.37).sin() * 1e3 + (x as f32) * 1e-3
+                });
+                let got = blur.apply(map.view()).unwrap();
+                let want = naive_blur(&blur, map.view());
+                let bits = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{border:?} {h}x{w} sigma {sigma}");
+            }
+        }
+    }
 
     #[test]
     fn border_rules_hand_checked() {
