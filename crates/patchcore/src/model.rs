@@ -155,12 +155,13 @@ fn embed(
     input: ArrayView4<'_, f32>,
 ) -> Result<patchcore_patch::PatchEmbeddings, Error> {
     let (b, c, h, w) = input.dim();
-    let t0 = Instant::now();
-    let data: Vec<f32> = input.iter().copied().collect();
+    // A standard-layout input is copied in one block; anything else is gathered element by element.
+    let data: Vec<f32> = match input.as_slice() {
+        Some(values) => values.to_vec(),
+        None => input.iter().copied().collect(),
+    };
     let x = Tensor::from_vec(data, (b, c, h, w), device)?;
-    let t1 = Instant::now();
     let taps = backbone.extract(&x)?;
-    let t2 = Instant::now();
     let maps = taps
         .iter()
         .map(|t| {
@@ -170,19 +171,7 @@ fn embed(
         })
         .collect::<Result<Vec<_>, Error>>()?;
     let views: Vec<_> = maps.iter().map(|m| m.view()).collect();
-    let t3 = Instant::now();
-    let e = embedder.embed(&views)?;
-    let t4 = Instant::now();
-    if std::env::var_os("PCPROF").is_some() {
-        eprintln!(
-            "PROF in {:?} bb {:?} conv {:?} emb {:?}",
-            t1 - t0,
-            t2 - t1,
-            t3 - t2,
-            t4 - t3
-        );
-    }
-    Ok(e)
+    Ok(embedder.embed(&views)?)
 }
 
 impl PatchCore {
@@ -349,11 +338,7 @@ impl PatchCore {
     pub fn predict(&self, images: &[DynamicImage]) -> Result<Prediction, Error> {
         let mut out: Option<Prediction> = None;
         for chunk in images.chunks(self.config.batch_size.max(1)) {
-            let t0 = Instant::now();
             let input = prepare(&self.config, chunk);
-            if std::env::var_os("PCPROF").is_some() {
-                eprintln!("PROF prep {:?}", t0.elapsed());
-            }
             let p = self.predict_input(input.view())?;
             out = Some(match out {
                 None => p,
@@ -391,9 +376,7 @@ impl PatchCore {
         let emb = embed(self.backbone.as_ref(), &self.embedder, &self.device, input)?;
         let (gh, gw) = emb.grid;
         let rows = emb.rows.as_slice().expect("embedding rows are contiguous");
-        let t0 = Instant::now();
         let neighbors = self.index.search(rows, self.config.k)?;
-        let t1 = Instant::now();
         let scores: Vec<f32> = match self.config.scoring {
             Scoring::MeanOfK => (0..neighbors.len())
                 .map(|i| {
@@ -407,16 +390,7 @@ impl PatchCore {
         let patch_scores = grid
             .into_shape_with_order((emb.batch, gh, gw))
             .expect("unpatched scores have batch × grid entries");
-        let t2 = Instant::now();
         let anomaly_maps = self.segmentor.segment(patch_scores.view())?;
-        if std::env::var_os("PCPROF").is_some() {
-            eprintln!(
-                "PROF search {:?} score {:?} seg {:?}",
-                t1 - t0,
-                t2 - t1,
-                t2.elapsed()
-            );
-        }
         Ok(Prediction {
             image_scores,
             patch_scores,
