@@ -29,9 +29,14 @@
 //!   `sqrt(clamp(−2·a·b + ‖a‖² + ‖b‖², 0))`, so [`greedy_select`] reproduces the original's picks
 //!   in pick order on its own projected features (checked against a golden fixture).
 //! * **Linear memory.** Only the projected features, their squared norms and the running distance
-//!   vector are kept: `O(N·128)`, never `N × N`. Each pick is one parallel (rayon) pass over all
-//!   rows that updates the distances and finds the next maximum; the reduction breaks ties by the
-//!   lower index, so the picks do not depend on the number of threads.
+//!   vector are kept: `O(N·128)`, never `N × N`.
+//! * **Few passes.** After a parallel (rayon) pass over all rows, the 2,048 rows that lead in
+//!   (distance, lower index) order are kept exact on the side, and the next picks are read off
+//!   them one by one for as long as the leader among them provably leads every other row too.
+//!   Only then does one pass apply the whole batch of picks (up to 256) to every row, each row
+//!   taking them in pick order, which gives the same distances, bit for bit, as one pass per pick.
+//!   Ties go to the lower index everywhere, so the picks do not depend on the number of threads.
+//!   The pass's kernel is compiled a second time for AVX-512 and chosen at run time.
 //! * **Projection.** [`project`] multiplies with the `gemm` crate in fixed blocks of rows, in
 //!   parallel; the block partition does not depend on the thread count, so neither does the result.
 //! * **Named deviations from the original.**
@@ -399,6 +404,7 @@ pub fn project(features: &[f32], dim: usize, projection: &[f32], out_dim: usize)
 
 /// The `f32` dot product, summed in a fixed order (32 interleaved partial sums, then a fixed
 /// tree), so the same inputs always give the same bits.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 32;
     let mut acc = [0f32; LANES];
@@ -423,7 +429,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The original's distance: `sqrt(clamp(−2·a·b + ‖a‖² + ‖b‖², 0))` in `f32`.
-#[inline]
+#[inline(always)]
 fn distance(a_dot_b: f32, a_norm: f32, b_norm: f32) -> f32 {
     (-2.0 * a_dot_b + a_norm + b_norm).max(0.0).sqrt()
 }
@@ -511,68 +517,294 @@ fn greedy(
     let mut owner = vec![NO_OWNER; n];
     let mut pick_rows: Vec<f32> = Vec::with_capacity(count * dim);
     let mut pick_norms: Vec<f32> = Vec::with_capacity(count);
-    let mut to_owner: Vec<f32> = Vec::with_capacity(count);
+    let mut picks: Vec<usize> = Vec::with_capacity(count);
 
-    let mut picks = Vec::with_capacity(count);
-    for done in 1..=count {
-        let pick = best.1;
-        picks.push(pick);
-        // A picked row is never picked again (its own distance would be 0 in the original).
-        d[pick] = f32::NEG_INFINITY;
-        progress(done, count);
-        if done == count {
-            break;
+    // Batched passes (see `Candidates`): `d` is exact for every pick applied by a pass. The
+    // `CANDIDATES` rows that lead in (distance, lower index) order are then enough to find the next
+    // picks one after another, as long as the best candidate, kept exact on the side, still leads
+    // every row outside the set. Only then does a pass over all rows apply the batch of pending
+    // picks, each row taking them in pick order, which is exactly what one pass per pick would do.
+    let mut next = Candidates::select(&d, best, CANDIDATES);
+    loop {
+        let batch_start = picks.len();
+        // Distances from each pending pick to every earlier pick, for the pruning test.
+        let mut to_earlier: Vec<Vec<f32>> = Vec::new();
+        let mut cand = next.gather(reduced, dim, &norms);
+        while let Some(lead) = cand.lead() {
+            if picks.len() > batch_start && !before(lead, next.boundary) {
+                break;
+            }
+            let pick = lead.1;
+            picks.push(pick);
+            progress(picks.len(), count);
+            if picks.len() == count {
+                return (picks, skipped);
+            }
+            let (p, pn) = (row(pick), norms[pick]);
+            // The distances from this pick to every earlier pick, with the same formula.
+            let mut to_pick = Vec::with_capacity(pick_norms.len());
+            to_pick.par_extend(
+                pick_rows
+                    .par_chunks(dim)
+                    .zip(pick_norms.par_iter())
+                    .map(|(q, &qn)| distance(dot(q, p), qn, pn)),
+            );
+            to_earlier.push(to_pick);
+            pick_rows.extend_from_slice(p);
+            pick_norms.push(pn);
+            cand.apply(pick, p, pn);
+            if picks.len() - batch_start == MAX_BATCH {
+                break;
+            }
         }
-        let (p, pn) = (row(pick), norms[pick]);
-        // The distances from this pick to every earlier pick, with the same formula.
-        to_owner.clear();
-        to_owner.par_extend(
-            pick_rows
-                .par_chunks(dim)
-                .zip(pick_norms.par_iter())
-                .map(|(q, &qn)| distance(dot(q, p), qn, pn)),
-        );
-        pick_rows.extend_from_slice(p);
-        pick_norms.push(pn);
-        let number = (done - 1) as u32;
-        let to_owner = &to_owner;
-        let (next, skips) = d
+        // A picked row is never picked again (its own distance would be 0 in the original).
+        for &pick in &picks[batch_start..] {
+            d[pick] = f32::NEG_INFINITY;
+        }
+        let batch: Vec<BatchPick<'_>> = picks[batch_start..]
+            .iter()
+            .zip(&to_earlier)
+            .enumerate()
+            .map(|(m, (&pick, to))| {
+                let number = (batch_start + m) as u32;
+                (number, row(pick), norms[pick], &to[..])
+            })
+            .collect();
+        let batch = &batch;
+        let kernel = RowKernel {
+            reduced,
+            norms: &norms,
+            dim,
+            batch,
+            margin,
+        };
+        skipped += d
             .par_chunks_mut(ROW_BLOCK)
             .zip(owner.par_chunks_mut(ROW_BLOCK))
             .enumerate()
-            .map(|(c, (chunk, owners))| {
+            .map(|(c, (chunk, owners))| kernel.run(c * ROW_BLOCK, chunk, owners))
+            .sum::<u64>();
+        best = d
+            .par_chunks(ROW_BLOCK)
+            .enumerate()
+            .map(|(c, chunk)| {
                 let mut best = (f32::NEG_INFINITY, usize::MAX);
-                let mut skips = 0u64;
-                for (o, (di, owner)) in chunk.iter_mut().zip(owners).enumerate() {
-                    if *di == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let i = c * ROW_BLOCK + o;
-                    let far = *owner != NO_OWNER
-                        && f64::from(to_owner[*owner as usize]) >= 2.0 * f64::from(*di) + margin;
-                    if far {
-                        skips += 1;
-                    } else {
-                        let new = distance(dot(row(i), p), norms[i], pn);
-                        if new < *di {
-                            *di = new;
-                            *owner = number;
-                        }
-                    }
-                    if *di > best.0 {
-                        best = (*di, i);
+                for (o, &di) in chunk.iter().enumerate() {
+                    if di > best.0 {
+                        best = (di, c * ROW_BLOCK + o);
                     }
                 }
-                (best, skips)
+                best
             })
-            .reduce(
-                || ((f32::NEG_INFINITY, usize::MAX), 0),
-                |a, b| (first_max(a.0, b.0), a.1 + b.1),
-            );
-        best = next;
-        skipped += skips;
+            .reduce(|| (f32::NEG_INFINITY, usize::MAX), first_max);
+        next = Candidates::select(&d, best, CANDIDATES);
     }
-    (picks, skipped)
+}
+
+/// One pick of a batch: its number, row, squared norm, and distances to every earlier pick.
+type BatchPick<'a> = (u32, &'a [f32], f32, &'a [f32]);
+
+/// The work of a pass on a block of rows: each row takes the batch's picks in pick order, with
+/// the pruning test before each distance.
+struct RowKernel<'a> {
+    reduced: &'a [f32],
+    norms: &'a [f32],
+    dim: usize,
+    batch: &'a [BatchPick<'a>],
+    margin: f64,
+}
+
+impl RowKernel<'_> {
+    /// Updates rows `first..first + d.len()`; returns how many row updates the pruning skipped.
+    ///
+    /// On x86-64 processors with AVX-512 the same code is compiled a second time with those
+    /// instructions enabled and chosen at run time. Floating-point operations are never reordered
+    /// or fused by the compiler, so both versions give the same bits.
+    fn run(&self, first: usize, d: &mut [f32], owner: &mut [u32]) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the processor supports AVX-512F, checked just above.
+                return unsafe { self.run_avx512(first, d, owner) };
+            }
+        }
+        self.run_portable(first, d, owner)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512(&self, first: usize, d: &mut [f32], owner: &mut [u32]) -> u64 {
+        self.run_portable(first, d, owner)
+    }
+
+    #[inline(always)]
+    fn run_portable(&self, first: usize, d: &mut [f32], owner: &mut [u32]) -> u64 {
+        let dim = self.dim;
+        let mut skips = 0u64;
+        for (o, (di, owner)) in d.iter_mut().zip(owner).enumerate() {
+            if *di == f32::NEG_INFINITY {
+                continue;
+            }
+            let i = first + o;
+            let r = &self.reduced[i * dim..(i + 1) * dim];
+            let norm = self.norms[i];
+            for &(number, p, pn, to_owner) in self.batch {
+                let far = *owner != NO_OWNER
+                    && f64::from(to_owner[*owner as usize]) >= 2.0 * f64::from(*di) + self.margin;
+                if far {
+                    skips += 1;
+                } else {
+                    let new = distance(dot(r, p), norm, pn);
+                    if new < *di {
+                        *di = new;
+                        *owner = number;
+                    }
+                }
+            }
+        }
+        skips
+    }
+}
+
+/// How many leading rows [`greedy`] keeps exact between passes.
+const CANDIDATES: usize = 2048;
+/// The most picks one pass applies.
+const MAX_BATCH: usize = 256;
+
+/// Whether `(value, index)` `a` comes before `b` in pick order: larger value first, then lower
+/// index (the order of [`first_max`]).
+#[inline]
+fn before(a: (f32, usize), b: (f32, usize)) -> bool {
+    a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
+}
+
+/// The rows that lead in pick order after a pass, and the first row behind them.
+struct Candidates {
+    /// The leading rows' (distance, index), at most the requested number.
+    rows: Vec<(f32, usize)>,
+    /// The first row behind them in pick order, or `(−∞, usize::MAX)` when there is none; every
+    /// row outside `rows` comes at or after it.
+    boundary: (f32, usize),
+}
+
+impl Candidates {
+    /// Selects the `amount` rows of `d` that lead in pick order (picked rows, at `−∞`, excluded);
+    /// `best` is the overall leader.
+    fn select(d: &[f32], best: (f32, usize), amount: usize) -> Self {
+        let none = (f32::NEG_INFINITY, usize::MAX);
+        if best.0 == f32::NEG_INFINITY {
+            return Self {
+                rows: Vec::new(),
+                boundary: none,
+            };
+        }
+        // Most rows are far behind the leaders: a cheap pass keeps those at or above a threshold,
+        // chosen from a sample so that a few times `amount` rows survive, and lowers it if too few
+        // do.
+        let stride = (d.len() / (64 * amount)).max(1);
+        let mut sample: Vec<f32> = d
+            .iter()
+            .step_by(stride)
+            .copied()
+            .filter(|&v| v != f32::NEG_INFINITY)
+            .collect();
+        let keep = ((4 * amount) / stride).max(1);
+        let mut threshold = if sample.len() > keep {
+            let (_, &mut t, _) = sample.select_nth_unstable_by(keep, |a, b| b.total_cmp(a));
+            t
+        } else {
+            f32::NEG_INFINITY
+        };
+        loop {
+            let mut rows: Vec<(f32, usize)> = d
+                .par_iter()
+                .enumerate()
+                .filter(|&(_, &v)| v != f32::NEG_INFINITY && v >= threshold)
+                .map(|(i, &v)| (v, i))
+                .collect();
+            if rows.len() > amount || threshold == f32::NEG_INFINITY {
+                let order = |a: &(f32, usize), b: &(f32, usize)| {
+                    if before(*a, *b) {
+                        std::cmp::Ordering::Less
+                    } else if before(*b, *a) {
+                        std::cmp::Ordering::Greater
+                    } else {
+                        std::cmp::Ordering::Equal
+                    }
+                };
+                if rows.len() > amount {
+                    rows.select_nth_unstable_by(amount, order);
+                    let boundary = rows[amount];
+                    rows.truncate(amount);
+                    return Self { rows, boundary };
+                }
+                return Self {
+                    rows,
+                    boundary: none,
+                };
+            }
+            threshold = if threshold > 0.0 {
+                threshold * 0.5
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+    }
+
+    /// Copies the candidates' rows and norms into a compact working set.
+    fn gather(&self, reduced: &[f32], dim: usize, norms: &[f32]) -> Working {
+        let mut rows = Vec::with_capacity(self.rows.len() * dim);
+        for &(_, i) in &self.rows {
+            rows.extend_from_slice(&reduced[i * dim..(i + 1) * dim]);
+        }
+        Working {
+            dim,
+            d: self.rows.clone(),
+            norms: self.rows.iter().map(|&(_, i)| norms[i]).collect(),
+            rows,
+        }
+    }
+}
+
+/// The candidates' exact distances, kept up to date pick by pick between passes.
+struct Working {
+    dim: usize,
+    /// (distance, row index) per candidate; `−∞` once picked.
+    d: Vec<(f32, usize)>,
+    norms: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+impl Working {
+    /// The candidate that leads in pick order, if any is left.
+    fn lead(&self) -> Option<(f32, usize)> {
+        self.d
+            .iter()
+            .copied()
+            .filter(|&(v, _)| v != f32::NEG_INFINITY)
+            .reduce(first_max)
+    }
+
+    /// Applies pick `pick` (row `p`, squared norm `pn`) to every candidate, with the formula and
+    /// comparison of a pass.
+    fn apply(&mut self, pick: usize, p: &[f32], pn: f32) {
+        let dim = self.dim;
+        self.d
+            .par_iter_mut()
+            .zip(self.norms.par_iter())
+            .zip(self.rows.par_chunks(dim))
+            .with_min_len(64)
+            .for_each(|((entry, &norm), r)| {
+                if entry.1 == pick {
+                    entry.0 = f32::NEG_INFINITY;
+                } else if entry.0 != f32::NEG_INFINITY {
+                    let new = distance(dot(r, p), norm, pn);
+                    if new < entry.0 {
+                        entry.0 = new;
+                    }
+                }
+            });
+    }
 }
 
 /// Marks a row whose distance is still the mean distance to the start points.
@@ -653,6 +885,51 @@ mod tests {
                 100.0 * rate
             );
             assert!(rate > 0.2, "dim {dim}: skipped only {rate}");
+        }
+    }
+
+    /// The algorithm written the plain way: one full update and one argmax per pick.
+    fn plain_greedy(x: &[f32], dim: usize, starts: &[usize], count: usize) -> Vec<usize> {
+        let n = x.len() / dim;
+        let row = |i: usize| &x[i * dim..(i + 1) * dim];
+        let norms: Vec<f32> = (0..n).map(|i| dot(row(i), row(i))).collect();
+        let mut d: Vec<f32> = (0..n)
+            .map(|i| {
+                let sum = starts.iter().fold(0f32, |acc, &s| {
+                    acc + distance(dot(row(i), row(s)), norms[i], norms[s])
+                });
+                sum / starts.len() as f32
+            })
+            .collect();
+        let mut picks = Vec::new();
+        while picks.len() < count {
+            let pick = (0..n).map(|i| (d[i], i)).reduce(first_max).expect("rows").1;
+            picks.push(pick);
+            d[pick] = f32::NEG_INFINITY;
+            for i in 0..n {
+                let new = distance(dot(row(i), row(pick)), norms[i], norms[pick]);
+                if d[i] != f32::NEG_INFINITY && new < d[i] {
+                    d[i] = new;
+                }
+            }
+        }
+        picks
+    }
+
+    #[test]
+    fn batched_passes_pick_as_one_pass_per_pick() {
+        // More rows than candidates, duplicated rows for ties, and enough picks for several passes.
+        let mut x = blobs(5000, 8, 30, 0.3);
+        let copy = x[..800 * 8].to_vec();
+        x.extend_from_slice(&copy);
+        let starts = start_points(5800, 10, 3);
+        for count in [1, 2, 300, 2500, 5800] {
+            let (batched, _) = greedy(&x, 8, &starts, count, &mut |_, _| {}, true);
+            assert_eq!(
+                batched,
+                plain_greedy(&x, 8, &starts, count),
+                "{count} picks"
+            );
         }
     }
 
