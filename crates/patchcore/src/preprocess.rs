@@ -139,18 +139,35 @@ fn is_8bit(image: &DynamicImage) -> bool {
 /// Opens and decodes an image file, guessing the format from its content rather than trusting the suffix.
 ///
 /// # Errors
-/// [`Error::Image`] naming the file when it cannot be read or decoded (missing, truncated, not an image).
+/// [`Error::Image`] naming the file when it cannot be read or decoded (missing, truncated, not an image), and
+/// [`Error::EmptyImage`] when it decodes to zero pixels.
 pub fn load_image(path: &Path) -> Result<DynamicImage, Error> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        source: image::ImageError::IoError(e),
+    })?;
+    decode_image(&bytes, path)
+}
+
+/// Decodes an image held in memory; `path` only names it in errors. The format is guessed from the content, EXIF
+/// orientation is applied, and the decoder's default memory limits bound what a hostile header can allocate.
+///
+/// # Errors
+/// As [`load_image`].
+pub fn decode_image(bytes: &[u8], path: &Path) -> Result<DynamicImage, Error> {
     let image_err = |source| Error::Image {
         path: path.to_path_buf(),
         source,
     };
-    let reader = ImageReader::open(path)
-        .map_err(|e| image_err(image::ImageError::IoError(e)))?
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| image_err(image::ImageError::IoError(e)))?;
-    // The decoder keeps the reader's default memory limits, so a hostile header cannot allocate without bound.
     let mut decoder = reader.into_decoder().map_err(image_err)?;
+    // Reserve the decoded size against the default limits (512 MiB) before anything is allocated: a header may
+    // claim any size.
+    image::Limits::default()
+        .reserve(decoder.total_bytes())
+        .map_err(image_err)?;
     // EXIF orientation (JPEG, TIFF, WebP) is applied as image viewers do, so maps line up with what people see.
     let orientation = decoder.orientation().map_err(image_err)?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(image_err)?;

@@ -234,3 +234,13 @@ fn wrong_suffix_is_decoded_by_content_and_garbage_is_named() {
         "{e}"
     );
 }
+
+/// Found by the `image_load` fuzz target: a PNG header claiming 7.4 million × 1.7 billion pixels must be refused
+/// before anything is allocated.
+#[test]
+fn huge_claimed_dimensions_are_refused_without_allocating() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz-huge-png-header.png");
+    let e = load_image(&path).unwrap_err();
+    assert!(matches!(e, Error::Image { .. }), "{e}");
+    assert!(e.to_string().contains("fuzz-huge-png-header.png"), "{e}");
+}
