@@ -446,11 +446,12 @@ impl PatchCore {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".patchcore-")
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .map_err(io)?;
+        // Temporary files are private by default; the final file gets the usual permissions (0666 less umask).
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".patchcore-").suffix(".tmp");
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let mut tmp = builder.tempfile_in(&dir).map_err(io)?;
         tmp.write_all(&bytes).map_err(io)?;
         tmp.as_file().sync_all().map_err(io)?;
         tmp.persist(path).map_err(|e| io(e.error))?;
