@@ -304,59 +304,139 @@ impl CustomOp3 for DepthwiseConv2d {
         let plane_in = h * w;
         let plane_out = oh * ow;
         let mut out = vec![0f32; b * c * plane_out];
+        let planes = DepthwisePlanes {
+            x,
+            weight,
+            bias,
+            c,
+            plane_in,
+            k,
+            s,
+            h,
+            w,
+            wp,
+            taps_x: &taps_x,
+            oh,
+            ow,
+            pad,
+            relu6: self.relu6,
+        };
         out.par_chunks_mut(plane_out.max(1))
             .enumerate()
-            .for_each(|(bc, o)| {
-                let ch = bc % c;
-                let input = &x[bc * plane_in..(bc + 1) * plane_in];
-                let kernel = &weight[ch * k * k..(ch + 1) * k * k];
-                let split;
-                let (phases, row_len): (&[f32], usize) = if s == 1 {
-                    (input, w)
-                } else {
-                    let mut buf = vec![0f32; s * h * wp];
-                    for (iy, row) in input.chunks_exact(w).enumerate() {
-                        for phase in 0..s.min(w) {
-                            let dst = &mut buf[(phase * h + iy) * wp..][..wp];
-                            for (d, &v) in dst.iter_mut().zip(row[phase..].iter().step_by(s)) {
-                                *d = v;
-                            }
-                        }
-                    }
-                    split = buf;
-                    (&split, wp)
-                };
-                o.fill(bias[ch]);
-                for oy in 0..oh {
-                    let orow = &mut o[oy * ow..(oy + 1) * ow];
-                    for ky in 0..k {
-                        // The input row is oy * s + ky - top; skip rows in the padding.
-                        let Some(iy) = (oy * s + ky).checked_sub(pad.top) else {
-                            continue;
-                        };
-                        if iy >= h {
-                            continue;
-                        }
-                        for (kx, &(lo, hi, phase, start)) in taps_x.iter().enumerate() {
-                            if lo >= hi {
-                                continue;
-                            }
-                            let wv = kernel[ky * k + kx];
-                            let row = &phases[(phase * h + iy) * row_len..][..row_len];
-                            let src = &row[start..start + (hi - lo)];
-                            for (d, &v) in orow[lo..hi].iter_mut().zip(src) {
-                                *d += wv * v;
-                            }
-                        }
-                    }
-                }
-                if self.relu6 {
-                    for v in o.iter_mut() {
-                        *v = v.clamp(0.0, 6.0);
-                    }
-                }
-            });
+            .for_each(|(bc, o)| planes.plane(bc, o));
         Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
+    }
+}
+
+/// The operands and geometry of one depthwise convolution, shared by all its planes.
+#[derive(Clone, Copy)]
+struct DepthwisePlanes<'a> {
+    x: &'a [f32],
+    weight: &'a [f32],
+    bias: &'a [f32],
+    c: usize,
+    plane_in: usize,
+    k: usize,
+    s: usize,
+    h: usize,
+    w: usize,
+    wp: usize,
+    taps_x: &'a [(usize, usize, usize, usize)],
+    oh: usize,
+    ow: usize,
+    pad: Padding2d,
+    relu6: bool,
+}
+
+impl DepthwisePlanes<'_> {
+    /// Computes output plane `bc` (image-major, then channel) into `o`, choosing at run time a copy
+    /// compiled with AVX-512 where the processor has it. Only the vector width differs between the
+    /// two: the compiler never reorders or fuses floating-point operations, so they give the same
+    /// bits.
+    fn plane(&self, bc: usize, o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the processor supports AVX-512F, checked just above.
+                return unsafe { self.plane_avx512(bc, o) };
+            }
+        }
+        self.plane_portable(bc, o)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn plane_avx512(&self, bc: usize, o: &mut [f32]) {
+        self.plane_portable(bc, o)
+    }
+
+    #[inline(always)]
+    fn plane_portable(&self, bc: usize, o: &mut [f32]) {
+        let DepthwisePlanes {
+            x,
+            weight,
+            bias,
+            c,
+            plane_in,
+            k,
+            s,
+            h,
+            w,
+            wp,
+            taps_x,
+            oh,
+            ow,
+            pad,
+            relu6,
+        } = *self;
+        let ch = bc % c;
+        let input = &x[bc * plane_in..(bc + 1) * plane_in];
+        let kernel = &weight[ch * k * k..(ch + 1) * k * k];
+        let split;
+        let (phases, row_len): (&[f32], usize) = if s == 1 {
+            (input, w)
+        } else {
+            let mut buf = vec![0f32; s * h * wp];
+            for (iy, row) in input.chunks_exact(w).enumerate() {
+                for phase in 0..s.min(w) {
+                    let dst = &mut buf[(phase * h + iy) * wp..][..wp];
+                    for (d, &v) in dst.iter_mut().zip(row[phase..].iter().step_by(s)) {
+                        *d = v;
+                    }
+                }
+            }
+            split = buf;
+            (&split, wp)
+        };
+        o.fill(bias[ch]);
+        for oy in 0..oh {
+            let orow = &mut o[oy * ow..(oy + 1) * ow];
+            for ky in 0..k {
+                // The input row is oy * s + ky - top; skip rows in the padding.
+                let Some(iy) = (oy * s + ky).checked_sub(pad.top) else {
+                    continue;
+                };
+                if iy >= h {
+                    continue;
+                }
+                for (kx, &(lo, hi, phase, start)) in taps_x.iter().enumerate() {
+                    if lo >= hi {
+                        continue;
+                    }
+                    let wv = kernel[ky * k + kx];
+                    let row = &phases[(phase * h + iy) * row_len..][..row_len];
+                    let src = &row[start..start + (hi - lo)];
+                    for (d, &v) in orow[lo..hi].iter_mut().zip(src) {
+                        *d += wv * v;
+                    }
+                }
+            }
+        }
+        if relu6 {
+            for v in o.iter_mut() {
+                *v = v.clamp(0.0, 6.0);
+            }
+        }
     }
 }
 
