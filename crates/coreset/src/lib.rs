@@ -561,21 +561,26 @@ fn greedy(
         for &pick in &picks[batch_start..] {
             d[pick] = f32::NEG_INFINITY;
         }
+        // The pick-to-pick distances as a matrix with one row per earlier pick and one column per
+        // batch pick, so that a row's pruning tests read its owner's distances contiguously.
+        let width = picks.len() - batch_start;
+        let mut owner_to_batch = vec![f32::INFINITY; picks.len() * width];
+        for (m, to) in to_earlier.iter().enumerate() {
+            for (a, &v) in to.iter().enumerate() {
+                owner_to_batch[a * width + m] = v;
+            }
+        }
         let batch: Vec<BatchPick<'_>> = picks[batch_start..]
             .iter()
-            .zip(&to_earlier)
             .enumerate()
-            .map(|(m, (&pick, to))| {
-                let number = (batch_start + m) as u32;
-                (number, row(pick), norms[pick], &to[..])
-            })
+            .map(|(m, &pick)| ((batch_start + m) as u32, row(pick), norms[pick]))
             .collect();
-        let batch = &batch;
         let kernel = RowKernel {
             reduced,
             norms: &norms,
             dim,
-            batch,
+            batch: &batch,
+            owner_to_batch: &owner_to_batch,
             margin,
         };
         skipped += d
@@ -601,8 +606,8 @@ fn greedy(
     }
 }
 
-/// One pick of a batch: its number, row, squared norm, and distances to every earlier pick.
-type BatchPick<'a> = (u32, &'a [f32], f32, &'a [f32]);
+/// One pick of a batch: its number, row and squared norm.
+type BatchPick<'a> = (u32, &'a [f32], f32);
 
 /// The work of a pass on a block of rows: each row takes the batch's picks in pick order, with
 /// the pruning test before each distance.
@@ -611,6 +616,9 @@ struct RowKernel<'a> {
     norms: &'a [f32],
     dim: usize,
     batch: &'a [BatchPick<'a>],
+    /// Entry `a · batch.len() + m`: the distance from pick `a` to the batch's pick `m`, for every
+    /// pick `a` made before pick `m`.
+    owner_to_batch: &'a [f32],
     margin: f64,
 }
 
@@ -648,9 +656,11 @@ impl RowKernel<'_> {
             let i = first + o;
             let r = &self.reduced[i * dim..(i + 1) * dim];
             let norm = self.norms[i];
-            for &(number, p, pn, to_owner) in self.batch {
+            let width = self.batch.len();
+            for (m, &(number, p, pn)) in self.batch.iter().enumerate() {
                 let far = *owner != NO_OWNER
-                    && f64::from(to_owner[*owner as usize]) >= 2.0 * f64::from(*di) + self.margin;
+                    && f64::from(self.owner_to_batch[*owner as usize * width + m])
+                        >= 2.0 * f64::from(*di) + self.margin;
                 if far {
                     skips += 1;
                 } else {
