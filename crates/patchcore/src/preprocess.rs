@@ -10,6 +10,7 @@
 //! Alpha is dropped, as PIL's `convert("RGB")` does; grey is replicated to three channels; palette images are
 //! expanded by the decoder.
 
+use std::ops::Range;
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageReader};
@@ -78,17 +79,25 @@ impl PreprocessConfig {
             |v: f32, c: usize| (v - self.normalization.mean[c]) / self.normalization.std[c];
         let mut out = Array3::<f32>::zeros((3, crop, crop));
         let window = CropWindow::new(ow, oh, crop);
+        // Only the pixels inside the crop are resampled: each output pixel depends on its own filter taps alone,
+        // so this equals cutting the crop out of the full resize (and keeps extreme aspect ratios cheap).
+        let (cols, rows) = window.spans();
+        let ncols = cols.len();
+        let (x0, y0) = (cols.start, rows.start);
         if is_8bit(image) {
             let rgb = image.to_rgb8();
-            let resized = resize_u8(rgb.as_raw(), w, h, 3, ow, oh);
+            let resized = resize_u8_window(rgb.as_raw(), (w, h), 3, (ow, oh), cols, rows);
             window.fill(&mut out, |y, x, c| {
-                normalise(resized[(y * ow + x) * 3 + c] as f32 / 255.0, c)
+                normalise(
+                    resized[((y - y0) * ncols + x - x0) * 3 + c] as f32 / 255.0,
+                    c,
+                )
             });
         } else {
             let rgb = image.to_rgb32f();
-            let resized = resize_f32(rgb.as_raw(), w, h, 3, ow, oh);
+            let resized = resize_f32_window(rgb.as_raw(), (w, h), 3, (ow, oh), cols, rows);
             window.fill(&mut out, |y, x, c| {
-                normalise(resized[(y * ow + x) * 3 + c], c)
+                normalise(resized[((y - y0) * ncols + x - x0) * 3 + c], c)
             });
         }
         out
@@ -225,6 +234,16 @@ impl CropWindow {
         }
     }
 
+    /// The columns and rows of the resized image that the crop covers.
+    fn spans(&self) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let span = |offset: isize, size: usize| {
+            let start = offset.clamp(0, size as isize) as usize;
+            let end = (offset + self.crop as isize).clamp(0, size as isize) as usize;
+            start..end.max(start)
+        };
+        (span(self.left, self.width), span(self.top, self.height))
+    }
+
     fn fill(&self, out: &mut Array3<f32>, value: impl Fn(usize, usize, usize) -> f32) {
         for y in 0..self.crop {
             let sy = self.top + y as isize;
@@ -260,11 +279,11 @@ struct Taps {
 }
 
 /// PIL's `precompute_coeffs` for the bilinear (triangle) filter, support 1, scaled by the downscaling factor.
-fn pil_coefficients(in_size: usize, out_size: usize) -> Vec<Taps> {
+fn pil_coefficients(in_size: usize, out_size: usize, positions: Range<usize>) -> Vec<Taps> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filterscale;
-    (0..out_size)
+    positions
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
@@ -332,43 +351,42 @@ pub fn resize_u8(
     out_w: usize,
     out_h: usize,
 ) -> Vec<u8> {
+    resize_u8_window(src, (w, h), channels, (out_w, out_h), 0..out_w, 0..out_h)
+}
+
+/// Columns `cols` and rows `rows` of [`resize_u8`]'s result, computed without the rest: identical to cutting
+/// them out of the full resize. The result is `rows.len() × cols.len() × channels`, interleaved.
+pub fn resize_u8_window(
+    src: &[u8],
+    size: (usize, usize),
+    channels: usize,
+    out_size: (usize, usize),
+    cols: Range<usize>,
+    rows: Range<usize>,
+) -> Vec<u8> {
     let half = 1i64 << (PRECISION_BITS - 1);
-    let horizontal = if out_w != w {
-        let coeffs = fixed_point(&pil_coefficients(w, out_w));
-        let mut out = vec![0u8; out_w * h * channels];
-        for y in 0..h {
-            for (x, (start, k)) in coeffs.iter().enumerate() {
-                for c in 0..channels {
-                    let mut acc = half;
-                    for (i, &kk) in k.iter().enumerate() {
-                        acc += i64::from(src[(y * w + start + i) * channels + c]) * i64::from(kk);
-                    }
-                    out[(y * out_w + x) * channels + c] = clip8(acc);
-                }
-            }
-        }
-        out
-    } else {
-        src.to_vec()
+    let taps = |input, output, positions| -> Vec<(usize, Vec<i64>)> {
+        fixed_point(&pil_coefficients(input, output, positions))
+            .into_iter()
+            .map(|(start, k)| (start, k.into_iter().map(i64::from).collect()))
+            .collect()
     };
-    if out_h == h {
-        return horizontal;
-    }
-    let coeffs = fixed_point(&pil_coefficients(h, out_h));
-    let mut out = vec![0u8; out_w * out_h * channels];
-    for (y, (start, k)) in coeffs.iter().enumerate() {
-        for x in 0..out_w {
-            for c in 0..channels {
-                let mut acc = half;
-                for (i, &kk) in k.iter().enumerate() {
-                    acc += i64::from(horizontal[((start + i) * out_w + x) * channels + c])
-                        * i64::from(kk);
-                }
-                out[(y * out_w + x) * channels + c] = clip8(acc);
-            }
-        }
-    }
-    out
+    separable(
+        src,
+        size,
+        channels,
+        out_size,
+        cols,
+        rows,
+        &taps,
+        |values, k| {
+            let acc = values
+                .iter()
+                .zip(k)
+                .fold(half, |acc, (&v, &kk)| acc + i64::from(v) * kk);
+            clip8(acc)
+        },
+    )
 }
 
 /// The same filter as [`resize_u8`] in floating point, for samples deeper than 8 bits (no intermediate rounding).
@@ -380,43 +398,104 @@ pub fn resize_f32(
     out_w: usize,
     out_h: usize,
 ) -> Vec<f32> {
-    let horizontal = if out_w != w {
-        let coeffs = pil_coefficients(w, out_w);
-        let mut out = vec![0f32; out_w * h * channels];
-        for y in 0..h {
-            for (x, t) in coeffs.iter().enumerate() {
+    resize_f32_window(src, (w, h), channels, (out_w, out_h), 0..out_w, 0..out_h)
+}
+
+/// Columns `cols` and rows `rows` of [`resize_f32`]'s result, computed without the rest.
+pub fn resize_f32_window(
+    src: &[f32],
+    size: (usize, usize),
+    channels: usize,
+    out_size: (usize, usize),
+    cols: Range<usize>,
+    rows: Range<usize>,
+) -> Vec<f32> {
+    let taps = |input, output, positions| -> Vec<(usize, Vec<f64>)> {
+        pil_coefficients(input, output, positions)
+            .into_iter()
+            .map(|t| (t.start, t.weights))
+            .collect()
+    };
+    separable(
+        src,
+        size,
+        channels,
+        out_size,
+        cols,
+        rows,
+        &taps,
+        |values, k| {
+            values
+                .iter()
+                .zip(k)
+                .map(|(&v, &kk)| f64::from(v) * kk)
+                .sum::<f64>() as f32
+        },
+    )
+}
+
+/// A separable resample restricted to a window of the output: a horizontal pass over the input rows that the
+/// vertical pass reads (as PIL's `ybox`), for the window's columns only, then the vertical pass for the window's
+/// rows. A pass is skipped when its side keeps its size, as in PIL. `taps(input, output, positions)` gives the
+/// listed output positions' first input index and weights; `dot` applies them.
+#[allow(clippy::too_many_arguments)]
+fn separable<T: Copy + Default, K>(
+    src: &[T],
+    (w, h): (usize, usize),
+    channels: usize,
+    (out_w, out_h): (usize, usize),
+    cols: Range<usize>,
+    rows: Range<usize>,
+    taps: &dyn Fn(usize, usize, Range<usize>) -> Vec<(usize, Vec<K>)>,
+    dot: impl Fn(&[T], &[K]) -> T,
+) -> Vec<T> {
+    let ncols = cols.len();
+    let mut values: Vec<T> = Vec::new();
+    let vertical = (out_h != h).then(|| taps(h, out_h, rows.clone()));
+    let needed = match &vertical {
+        Some(v) => {
+            let (lo, hi) = v.iter().fold((usize::MAX, 0), |(lo, hi), (s, k)| {
+                (lo.min(*s), hi.max(s + k.len()))
+            });
+            if lo > hi {
+                0..0
+            } else {
+                lo..hi
+            }
+        }
+        None => rows.clone(),
+    };
+    let mut horizontal = vec![T::default(); ncols * needed.len() * channels];
+    if out_w != w {
+        let coeffs = taps(w, out_w, cols.clone());
+        for (yy, y) in needed.clone().enumerate() {
+            for (i, (start, k)) in coeffs.iter().enumerate() {
                 for c in 0..channels {
-                    let acc: f64 = t
-                        .weights
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &k)| f64::from(src[(y * w + t.start + i) * channels + c]) * k)
-                        .sum();
-                    out[(y * out_w + x) * channels + c] = acc as f32;
+                    values.clear();
+                    values.extend((0..k.len()).map(|j| src[(y * w + start + j) * channels + c]));
+                    horizontal[(yy * ncols + i) * channels + c] = dot(&values, k);
                 }
             }
         }
-        out
     } else {
-        src.to_vec()
-    };
-    if out_h == h {
-        return horizontal;
+        for (yy, y) in needed.clone().enumerate() {
+            let row = &src[(y * w + cols.start) * channels..(y * w + cols.end) * channels];
+            horizontal[yy * ncols * channels..(yy + 1) * ncols * channels].copy_from_slice(row);
+        }
     }
-    let coeffs = pil_coefficients(h, out_h);
-    let mut out = vec![0f32; out_w * out_h * channels];
-    for (y, t) in coeffs.iter().enumerate() {
-        for x in 0..out_w {
+    let Some(coeffs) = vertical else {
+        return horizontal;
+    };
+    let mut out = vec![T::default(); ncols * rows.len() * channels];
+    for (r, (start, k)) in coeffs.iter().enumerate() {
+        let start = start - needed.start;
+        for x in 0..ncols {
             for c in 0..channels {
-                let acc: f64 = t
-                    .weights
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &k)| {
-                        f64::from(horizontal[((t.start + i) * out_w + x) * channels + c]) * k
-                    })
-                    .sum();
-                out[(y * out_w + x) * channels + c] = acc as f32;
+                values.clear();
+                values.extend(
+                    (0..k.len()).map(|j| horizontal[((start + j) * ncols + x) * channels + c]),
+                );
+                out[(r * ncols + x) * channels + c] = dot(&values, k);
             }
         }
     }
@@ -445,6 +524,29 @@ mod tests {
     }
 
     #[test]
+    fn windows_equal_cuts_of_the_full_resize() {
+        let (w, h) = (37usize, 23usize);
+        let src: Vec<u8> = (0..w * h * 3).map(|i| ((i * 7919) % 251) as u8).collect();
+        let srcf: Vec<f32> = src.iter().map(|&v| v as f32 / 255.0).collect();
+        for (ow, oh) in [(37, 11), (16, 23), (50, 40), (9, 9)] {
+            let full = resize_u8(&src, w, h, 3, ow, oh);
+            let fullf = resize_f32(&srcf, w, h, 3, ow, oh);
+            let (cols, rows) = (ow / 3..ow - ow / 4, oh / 5..oh);
+            let win = resize_u8_window(&src, (w, h), 3, (ow, oh), cols.clone(), rows.clone());
+            let winf = resize_f32_window(&srcf, (w, h), 3, (ow, oh), cols.clone(), rows.clone());
+            for (r, y) in rows.clone().enumerate() {
+                for (i, x) in cols.clone().enumerate() {
+                    for c in 0..3 {
+                        let at = (r * cols.len() + i) * 3 + c;
+                        assert_eq!(win[at], full[(y * ow + x) * 3 + c]);
+                        assert_eq!(winf[at], fullf[(y * ow + x) * 3 + c]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn resize_identity_and_constant() {
         let src: Vec<u8> = (0..12).collect();
         assert_eq!(resize_u8(&src, 4, 3, 1, 4, 3), src);
@@ -460,7 +562,7 @@ mod tests {
     fn pil_downscale_by_two_averages_pairs_with_triangle_weights() {
         // 4 → 2: output 0 has centre 1.0 and support 2, so it reads inputs 0..3 with triangle weights 0.75, 0.75, 0.25,
         // normalised to sum 1.
-        let taps = pil_coefficients(4, 2);
+        let taps = pil_coefficients(4, 2, 0..2);
         assert_eq!(taps[0].start, 0);
         let w: Vec<f64> = taps[0]
             .weights

@@ -244,3 +244,15 @@ fn huge_claimed_dimensions_are_refused_without_allocating() {
     assert!(matches!(e, Error::Image { .. }), "{e}");
     assert!(e.to_string().contains("fuzz-huge-png-header.png"), "{e}");
 }
+
+/// Found by the `image_load` fuzz target: a 9 × 35,340 JPEG (after EXIF rotation) resizes to 256 × 1,005,226
+/// under torchvision's rule. Only the centre crop is resampled, so it is processed like any other image.
+#[test]
+fn extreme_aspect_ratios_are_preprocessed() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz-extreme-aspect.jpg");
+    let image = load_image(&path).unwrap();
+    assert_eq!((image.width(), image.height()), (9, 35340));
+    let t = config().preprocess.apply(&image);
+    assert_eq!(t.dim(), (3, 224, 224));
+    assert!(t.iter().all(|v| v.is_finite()));
+}
