@@ -434,6 +434,9 @@ pub fn resize_f32_window(
     )
 }
 
+/// Filter taps for `(input size, output size, output positions)`: each position's first input index and weights.
+type TapsFn<'a, K> = dyn Fn(usize, usize, Range<usize>) -> Vec<(usize, Vec<K>)> + 'a;
+
 /// A separable resample restricted to a window of the output: a horizontal pass over the input rows that the
 /// vertical pass reads (as PIL's `ybox`), for the window's columns only, then the vertical pass for the window's
 /// rows. A pass is skipped when its side keeps its size, as in PIL. `taps(input, output, positions)` gives the
@@ -446,7 +449,7 @@ fn separable<T: Copy + Default, K>(
     (out_w, out_h): (usize, usize),
     cols: Range<usize>,
     rows: Range<usize>,
-    taps: &dyn Fn(usize, usize, Range<usize>) -> Vec<(usize, Vec<K>)>,
+    taps: &TapsFn<'_, K>,
     dot: impl Fn(&[T], &[K]) -> T,
 ) -> Vec<T> {
     let ncols = cols.len();
