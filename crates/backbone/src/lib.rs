@@ -162,6 +162,7 @@ impl FromStr for Arch {
 
 /// Per-channel input normalisation: `x_normalised = (x − mean) / std` for `x` in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Normalization {
     /// The mean subtracted from each RGB channel.
     pub mean: [f32; 3],

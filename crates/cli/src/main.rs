@@ -209,6 +209,7 @@ fn fit(a: FitArgs) -> Result<()> {
             config.backbone.weights.display()
         );
     }
+    check_output_file(&a.out)?;
     let files = dataset::train_images(&a.data)?;
     let started = Instant::now();
     let embed_bar = bar(files.len() as u64, "embedding", a.quiet);
@@ -313,6 +314,37 @@ fn score_files(
     Ok(predict_seconds)
 }
 
+/// An f32 as the shortest decimal that reads back to it (not the f64 widening, 27437.048828125).
+fn json_f32(v: f32) -> serde_json::Value {
+    v.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+/// Fails early, before any expensive work, when `path` cannot become an output file.
+fn check_output_file(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!(
+            "--out {} is a folder; expected a file path such as model.patchcore",
+            path.display()
+        );
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "--out {}: the folder {} does not exist",
+            path.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
 fn skipped_json(skipped: &Skipped) -> serde_json::Value {
     skipped
         .iter()
@@ -351,8 +383,12 @@ fn eval(a: EvalArgs) -> Result<()> {
     let test: Vec<_> = scored.iter().map(|&(i, _)| test[i].clone()).collect();
     let scores: Vec<f32> = scored.iter().map(|&(_, s)| s).collect();
     let labels: Vec<bool> = test.iter().map(|t| t.kind != "good").collect();
-    let auroc = patchcore::metrics::auroc(&scores, &labels)
-        .with_context(|| format!("cannot evaluate {}", a.data.display()))?;
+    // A test set with one class only still gets its scores reported; its AUROC is undefined, never 0 or 0.5.
+    let (auroc, auroc_note) = match patchcore::metrics::auroc(&scores, &labels) {
+        Ok(v) => (Some(v), None),
+        Err(e @ patchcore::metrics::MetricError::Undefined { .. }) => (None, Some(e.to_string())),
+        Err(e) => return Err(e).with_context(|| format!("cannot evaluate {}", a.data.display())),
+    };
     let written = maps.write(&a.out.join("overlays"), &a.data)?;
 
     let stats = model.stats();
@@ -364,7 +400,7 @@ fn eval(a: EvalArgs) -> Result<()> {
                 "path": t.path.strip_prefix(&a.data).unwrap_or(&t.path),
                 "kind": t.kind,
                 "label": if t.kind == "good" { 0 } else { 1 },
-                "score": s,
+                "score": json_f32(*s),
             })
         })
         .collect();
@@ -376,6 +412,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         "data": a.data,
         "model": a.model,
         "image_auroc": auroc,
+        "image_auroc_note": auroc_note,
         "bank_size": model.bank_size(),
         "images": kinds,
         "timings": {
@@ -401,8 +438,16 @@ fn eval(a: EvalArgs) -> Result<()> {
             skipped.len()
         );
     }
+    let auroc_text = match (auroc, &auroc_note) {
+        (Some(v), _) => format!("{v:.4}"),
+        (None, Some(note)) => {
+            eprintln!("warning: {note}");
+            "undefined".to_string()
+        }
+        (None, None) => "undefined".to_string(),
+    };
     println!(
-        "image AUROC {auroc:.4} on {} test images ({}), bank size {}, {:.1} ms per image",
+        "image AUROC {auroc_text} on {} test images ({}), bank size {}, {:.1} ms per image",
         scores.len(),
         kinds
             .iter()
@@ -429,6 +474,16 @@ fn predict(a: PredictArgs) -> Result<()> {
             bail!("input {} does not exist", input.display());
         }
     }
+    if files.is_empty() {
+        bail!(
+            "no images among the inputs ({}); folders are searched one level deep for image files",
+            a.inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create the output folder {}", a.out.display()))?;
     let pb = bar(files.len() as u64, "scoring", a.quiet);
@@ -445,7 +500,7 @@ fn predict(a: PredictArgs) -> Result<()> {
         |i, image, score, map| {
             entries.push(json!({
                 "path": files[i],
-                "score": score,
+                "score": json_f32(score),
                 "width": image.width(),
                 "height": image.height(),
             }));

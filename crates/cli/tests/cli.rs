@@ -80,6 +80,34 @@ fn bad_fit_arguments_are_named() {
     );
     assert_clean_failure(&o, "nope.pth");
     assert!(!root.join("m.pc").exists());
+    // An output path that cannot be written fails before any work.
+    std::fs::write(root.join("data/train/good/a.png"), b"x").unwrap();
+    let o = patchcore(
+        &[
+            "fit",
+            "--data",
+            "data",
+            "--weights",
+            "w.pth",
+            "--out",
+            "no/such/m.pc",
+        ],
+        root,
+    );
+    assert_clean_failure(&o, "does not exist");
+    let o = patchcore(
+        &[
+            "fit",
+            "--data",
+            "data",
+            "--weights",
+            "w.pth",
+            "--out",
+            "data",
+        ],
+        root,
+    );
+    assert_clean_failure(&o, "is a folder");
 }
 
 #[test]

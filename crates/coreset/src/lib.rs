@@ -127,6 +127,7 @@ pub enum CoresetError {
 
 /// Parameters of the approximate greedy coreset.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GreedyConfig {
     /// The fraction of rows to keep, in `(0, 1]`; `int(N · ratio)` rows are picked.
     pub ratio: f64,

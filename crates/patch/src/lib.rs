@@ -78,6 +78,7 @@ pub enum PatchError {
 /// The original's `PatchMaker`: square patches of `size`×`size` positions taken every `stride` positions, with
 /// zero padding `(size - 1) / 2` on every side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PatchMaker {
     /// Side length of a patch in feature-map positions (the original's `patchsize`, default 3).
     pub size: usize,
@@ -208,6 +209,7 @@ pub fn adaptive_avg_pool1d(values: &[f32], bins: &[(usize, usize)], out: &mut [f
 /// Settings of the patch embedding: the original's `patchsize`, `patchstride`, `pretrain_embed_dimension` and
 /// `target_embed_dimension`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EmbedConfig {
     /// How patches are cut from every tapped layer.
     pub patch: PatchMaker,

@@ -57,13 +57,14 @@ use serde::{Deserialize, Serialize};
 
 /// Which backbone to run, with which weights, and which layers to tap.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BackboneConfig {
     /// The architecture.
     pub arch: Arch,
     /// Path to the weights: a PyTorch `.pth` (zip or legacy format) or a `.safetensors` file.
     pub weights: PathBuf,
-    /// Tapped layers by their state-dict module path (e.g. `_blocks.4`), shallowest first. The first tap sets
-    /// the patch grid.
+    /// Tapped layers by their state-dict module path (e.g. `_blocks.4`). As in the original, the first tap sets
+    /// the patch grid and the others are aligned to it, so it is normally the shallowest.
     pub taps: Vec<String>,
 }
 
@@ -89,6 +90,7 @@ pub enum DeviceSpec {
 
 /// Every setting of a PatchCore model. Build one from a preset and adjust fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PatchCoreConfig {
     /// Feature extractor.
     pub backbone: BackboneConfig,
@@ -158,8 +160,17 @@ impl PatchCoreConfig {
             ));
         }
         self.preprocess.validate()?;
-        self.embed.validate().map_err(|e| {
-            ConfigError::invalid("embed", format!("{:?}", self.embed), e.to_string())
+        self.embed.validate().map_err(|e| match e {
+            patchcore_patch::PatchError::InvalidParameter {
+                parameter,
+                value,
+                expected,
+            } => ConfigError::invalid(
+                format!("embed.{}", parameter.replace("patch ", "patch.")),
+                value,
+                expected,
+            ),
+            other => ConfigError::invalid("embed", format!("{:?}", self.embed), other.to_string()),
         })?;
         if let Sampler::ApproximateGreedy(g) = &self.sampler {
             if !(g.ratio > 0.0 && g.ratio <= 1.0) {
@@ -194,12 +205,17 @@ impl PatchCoreConfig {
         if self.batch_size == 0 {
             return Err(ConfigError::invalid("batch_size", "0", "at least 1"));
         }
-        self.segmentation.blur.validate().map_err(|e| {
-            ConfigError::invalid(
+        self.segmentation.blur.validate().map_err(|e| match e {
+            patchcore_segmentation::SegmentationError::InvalidParameter {
+                parameter,
+                value,
+                expected,
+            } => ConfigError::invalid(format!("segmentation.blur.{parameter}"), value, expected),
+            other => ConfigError::invalid(
                 "segmentation.blur",
                 format!("{:?}", self.segmentation.blur),
-                e.to_string(),
-            )
+                other.to_string(),
+            ),
         })?;
         Ok(())
     }

@@ -238,6 +238,21 @@ impl PatchCore {
             .sampler
             .select(&features, dim, config.seed, &mut |done, total| {
                 progress(Progress::Coreset { done, total })
+            })
+            .map_err(|e| match e {
+                // Say which setting to change, and to what, in the terms of the configuration.
+                patchcore_coreset::CoresetError::NoSamples { n, ratio } => {
+                    Error::Config(crate::ConfigError::invalid(
+                        "coreset ratio",
+                        ratio.to_string(),
+                        format!(
+                            "at least {:.3e} for the {n} training patches of {count} images \
+                             (int({n} × ratio) must be at least 1), or more training images",
+                            1.0 / n as f64
+                        ),
+                    ))
+                }
+                other => other.into(),
             })?;
         let bank: Vec<f32> = if picks.len() == patches {
             features
@@ -427,6 +442,8 @@ impl PatchCore {
             "writer".to_string(),
             format!("patchcore {}", env!("CARGO_PKG_VERSION")),
         );
+        // Last: it covers every other header field.
+        meta.insert("header_sha256".to_string(), header_sha256(&meta));
         let view = safetensors::tensor::TensorView::new(
             safetensors::Dtype::U8,
             vec![payload.len()],
@@ -549,6 +566,16 @@ impl ModelFile {
                 supported: FORMAT_VERSION,
             });
         }
+        let expected = field("header_sha256")?;
+        let got = header_sha256(&meta);
+        if expected != got {
+            return Err(Error::Checksum {
+                path: path.to_path_buf(),
+                what: "header",
+                expected,
+                got,
+            });
+        }
         let config: PatchCoreConfig = serde_json::from_str(&field("config")?)
             .map_err(|e| bad(format!("invalid `config`: {e}")))?;
         config.validate()?;
@@ -597,6 +624,25 @@ impl ModelFile {
 
 fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("configuration types serialise to JSON")
+}
+
+/// SHA-256 over every header field but itself, in name order, as `name=value` lines: it covers the
+/// configuration, the weights' hash and the index's hash, so no part of a model file goes unchecked.
+fn header_sha256(meta: &HashMap<String, String>) -> String {
+    let mut names: Vec<&String> = meta.keys().filter(|k| *k != "header_sha256").collect();
+    names.sort();
+    let mut hasher = Sha256::new();
+    for name in names {
+        hasher.update(name.as_bytes());
+        hasher.update(b"=");
+        hasher.update(meta[name].as_bytes());
+        hasher.update(b"\n");
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -31,6 +31,7 @@ pub enum Resample {
 
 /// Preprocessing settings.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PreprocessConfig {
     /// The shorter side is resized to this many pixels, keeping the aspect ratio (torchvision `Resize(int)`).
     pub resize: u32,

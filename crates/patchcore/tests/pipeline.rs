@@ -23,6 +23,7 @@ use patchcore::{
     load_image, ConfigError, Error, GreedyConfig, PatchCore, PatchCoreConfig, Progress, Sampler,
 };
 use safetensors::SafeTensors;
+use sha2::Digest;
 
 const TRAIN: [&str; 3] = ["cell0004.png", "cell0009.png", "cell0060.png"];
 const TEST: [&str; 2] = ["cell0011.png", "cell0001.png"];
@@ -315,11 +316,31 @@ fn inconsistent_model_files_are_rejected() {
     model.save(&path).unwrap();
 
     // Rewrite the header: the configuration claims 512 dimensions, or the format version is from the future.
-    let rewrite = |name: &str, edit: &dyn Fn(&mut std::collections::HashMap<String, String>)| {
+    // The header checksum is recomputed (as a careful forger would), so that the later checks are reached.
+    let rewrite_with = |name: &str,
+                        edit: &dyn Fn(&mut std::collections::HashMap<String, String>),
+                        reseal: bool| {
         let bytes = std::fs::read(&path).unwrap();
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let mut meta = header.metadata().clone().unwrap();
         edit(&mut meta);
+        if reseal {
+            let mut names: Vec<_> = meta
+                .keys()
+                .filter(|k| *k != "header_sha256")
+                .cloned()
+                .collect();
+            names.sort();
+            let mut text = Vec::new();
+            for n in names {
+                text.extend_from_slice(format!("{n}={}\n", meta[&n]).as_bytes());
+            }
+            let hex: String = sha2::Sha256::digest(&text)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            meta.insert("header_sha256".into(), hex);
+        }
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let index = st.tensor("index").unwrap();
         let out = safetensors::serialize([("index", index)], Some(meta)).unwrap();
@@ -327,6 +348,20 @@ fn inconsistent_model_files_are_rejected() {
         std::fs::write(&p, out).unwrap();
         p
     };
+    let rewrite = |name: &str, edit: &dyn Fn(&mut std::collections::HashMap<String, String>)| {
+        rewrite_with(name, edit, true)
+    };
+    // Without resealing, any edit of the header is caught by its checksum.
+    let tampered = rewrite_with(
+        "tampered.patchcore",
+        &|m| {
+            let c = m["config"].replace("\"k\":1", "\"k\":2");
+            m.insert("config".into(), c);
+        },
+        false,
+    );
+    let e = PatchCore::load(&tampered, None).unwrap_err();
+    assert!(matches!(e, Error::Checksum { what: "header", .. }), "{e}");
     let other_dims = rewrite("dims.patchcore", &|m| {
         let c = m["config"].replace("\"target_dim\":1024", "\"target_dim\":512");
         m.insert("config".into(), c);

@@ -98,6 +98,7 @@ impl Border {
 
 /// A separable Gaussian blur equal to `scipy.ndimage.gaussian_filter` on a float32 2-D array.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GaussianBlur {
     /// Standard deviation in pixels (the original's `smoothing`, default 4). Zero disables the blur.
     pub sigma: f64,
@@ -292,6 +293,7 @@ fn bilinear_source(dst: usize, in_len: usize, out_len: usize) -> (usize, usize, 
 
 /// Settings of the anomaly maps.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SegmentationConfig {
     /// How the patch-score grid is upsampled.
     pub upsample: Upsample,
