@@ -1,6 +1,5 @@
 //! Heatmap overlays: the model's input crop blended with a colour-mapped anomaly map.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -8,26 +7,9 @@ use image::{Rgb, RgbImage};
 use ndarray::{Array2, ArrayView2};
 use patchcore::{DynamicImage, PatchCoreConfig};
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so readers never see a
-/// partial file.
+/// Writes `bytes` to `path` atomically (see [`patchcore::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    // Temporary files are private by default; the final file gets the usual permissions (0666 less umask).
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".patchcore-").suffix(".tmp");
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-    let mut tmp = builder
-        .tempfile_in(&dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    Ok(patchcore::write_atomic(path, bytes)?)
 }
 
 /// Where overlays are drawn.

@@ -40,7 +40,9 @@ pub mod preprocess;
 use std::path::PathBuf;
 
 pub use image::DynamicImage;
-pub use model::{FitStats, ModelFile, PatchCore, Prediction, Progress, FORMAT_VERSION};
+pub use model::{
+    write_atomic, FitStats, ModelFile, PatchCore, Prediction, Progress, FORMAT_VERSION,
+};
 pub use patchcore_backbone as backbone;
 pub use patchcore_backbone::{Arch, Normalization};
 pub use patchcore_coreset as coreset;

@@ -174,6 +174,27 @@ fn embed(
     Ok(embedder.embed(&views)?)
 }
 
+impl Parts {
+    /// Completes a model with its index and statistics.
+    fn into_model(
+        self,
+        config: PatchCoreConfig,
+        index: Box<dyn KnnIndex>,
+        stats: FitStats,
+    ) -> PatchCore {
+        PatchCore {
+            config,
+            backbone: self.backbone,
+            embedder: self.embedder,
+            index,
+            segmentor: self.segmentor,
+            device: self.device,
+            weights_sha256: self.weights_sha256,
+            stats,
+        }
+    }
+}
+
 impl PatchCore {
     /// Fits a model on good images. Images are embedded `batch_size` at a time, so only the embeddings, never the
     /// decoded images, accumulate in memory.
@@ -277,23 +298,15 @@ impl PatchCore {
         let started = Instant::now();
         let index = config.index.build(&bank, dim)?;
         let index_seconds = started.elapsed().as_secs_f64();
-        Ok(Self {
-            stats: FitStats {
-                images: count,
-                patches,
-                bank_size,
-                embed_seconds,
-                coreset_seconds,
-                index_seconds,
-            },
-            config,
-            backbone: parts.backbone,
-            embedder: parts.embedder,
-            index,
-            segmentor: parts.segmentor,
-            device: parts.device,
-            weights_sha256: parts.weights_sha256,
-        })
+        let stats = FitStats {
+            images: count,
+            patches,
+            bank_size,
+            embed_seconds,
+            coreset_seconds,
+            index_seconds,
+        };
+        Ok(parts.into_model(config, index, stats))
     }
 
     /// Builds a model around an existing memory bank (row-major, `config.embed.target_dim` values per row), for
@@ -311,19 +324,11 @@ impl PatchCore {
                 bank_size: index.len(),
             });
         }
-        Ok(Self {
-            stats: FitStats {
-                bank_size: index.len(),
-                ..FitStats::default()
-            },
-            config,
-            backbone: parts.backbone,
-            embedder: parts.embedder,
-            index,
-            segmentor: parts.segmentor,
-            device: parts.device,
-            weights_sha256: parts.weights_sha256,
-        })
+        let stats = FitStats {
+            bank_size: index.len(),
+            ..FitStats::default()
+        };
+        Ok(parts.into_model(config, index, stats))
     }
 
     /// The configuration the model was fitted with.
@@ -423,10 +428,6 @@ impl PatchCore {
     /// # Errors
     /// [`Error::Io`] naming the file.
     pub fn save(&self, path: &Path) -> Result<(), Error> {
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
         let mut payload = Vec::new();
         self.index.write_to(&mut payload)?;
         let mut meta = HashMap::new();
@@ -459,19 +460,7 @@ impl PatchCore {
                 reason: e.to_string(),
             }
         })?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        // Temporary files are private by default; the final file gets the usual permissions (0666 less umask).
-        let mut builder = tempfile::Builder::new();
-        builder.prefix(".patchcore-").suffix(".tmp");
-        #[cfg(unix)]
-        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-        let mut tmp = builder.tempfile_in(&dir).map_err(io)?;
-        tmp.write_all(&bytes).map_err(io)?;
-        tmp.as_file().sync_all().map_err(io)?;
-        tmp.persist(path).map_err(|e| io(e.error))?;
+        write_atomic(path, &bytes)?;
         Ok(())
     }
 
@@ -502,16 +491,7 @@ impl PatchCore {
             });
         }
         let parts = Parts::with_weights_sha256(&config, got)?;
-        Ok(Self {
-            config,
-            backbone: parts.backbone,
-            embedder: parts.embedder,
-            index: file.index,
-            segmentor: parts.segmentor,
-            device: parts.device,
-            weights_sha256: parts.weights_sha256,
-            stats: file.stats,
-        })
+        Ok(parts.into_model(config, file.index, file.stats))
     }
 }
 
@@ -624,6 +604,32 @@ impl ModelFile {
 
 fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("configuration types serialise to JSON")
+}
+
+/// Writes `bytes` to `path` atomically: through a temporary file in the same folder, flushed to disk and renamed
+/// over `path` only once complete, so that no reader ever sees a partial file and an interrupted write leaves
+/// nothing behind. The file gets the usual permissions (0666 less the umask).
+///
+/// # Errors
+/// [`Error::Io`] naming `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".patchcore-").suffix(".tmp");
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(&dir).map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
 }
 
 /// SHA-256 over every header field but itself, in name order, as `name=value` lines: it covers the

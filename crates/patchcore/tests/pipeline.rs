@@ -16,7 +16,6 @@
 //! Tests that need the real backbone weights read `PATCHCORE_LITE0_WEIGHTS` (`cargo xtask test` sets it); without
 //! it they print a notice and return, unless `PATCHCORE_REQUIRE_WEIGHTS=1`, which turns the absence into a failure.
 
-use std::path::{Path, PathBuf};
 
 use ndarray::{Array4, Axis};
 use patchcore::{
@@ -25,14 +24,9 @@ use patchcore::{
 use safetensors::SafeTensors;
 use sha2::Digest;
 
-const TRAIN: [&str; 3] = ["cell0004.png", "cell0009.png", "cell0060.png"];
-const TEST: [&str; 2] = ["cell0011.png", "cell0001.png"];
+mod common;
 
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
-}
+use common::{data, weights, TEST, TRAIN};
 
 struct Golden {
     bytes: Vec<u8>,
@@ -65,20 +59,6 @@ impl Golden {
         Array4::from_shape_fn((n, 3, h, w), |(i, _, y, x)| {
             (t.data()[(i * h + y) * w + x] as f32 / 255.0 - mean) / std
         })
-    }
-}
-
-fn weights() -> Option<PathBuf> {
-    match std::env::var_os("PATCHCORE_LITE0_WEIGHTS") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            assert!(
-                std::env::var("PATCHCORE_REQUIRE_WEIGHTS").as_deref() != Ok("1"),
-                "PATCHCORE_REQUIRE_WEIGHTS=1 but PATCHCORE_LITE0_WEIGHTS is not set; run `cargo xtask test`"
-            );
-            eprintln!("notice: PATCHCORE_LITE0_WEIGHTS is not set; skipping this test (run `cargo xtask test`)");
-            None
-        }
     }
 }
 

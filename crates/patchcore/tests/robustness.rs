@@ -2,34 +2,14 @@
 //!
 //! These tests need the real Lite0 weights through `PATCHCORE_LITE0_WEIGHTS` (see `tests/pipeline.rs`).
 
-use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, GrayImage, Luma};
 use patchcore::{load_image, PatchCore, PatchCoreConfig};
 use safetensors::SafeTensors;
 
-const TRAIN: [&str; 3] = ["cell0004.png", "cell0009.png", "cell0060.png"];
-const TEST: [&str; 2] = ["cell0011.png", "cell0001.png"];
+mod common;
 
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
-}
-
-fn weights() -> Option<PathBuf> {
-    match std::env::var_os("PATCHCORE_LITE0_WEIGHTS") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            assert!(
-                std::env::var("PATCHCORE_REQUIRE_WEIGHTS").as_deref() != Ok("1"),
-                "PATCHCORE_REQUIRE_WEIGHTS=1 but PATCHCORE_LITE0_WEIGHTS is not set"
-            );
-            eprintln!("notice: PATCHCORE_LITE0_WEIGHTS is not set; skipping this test (run `cargo xtask test`)");
-            None
-        }
-    }
-}
+use common::{data, weights, TEST, TRAIN};
 
 fn images(names: &[&str]) -> Vec<DynamicImage> {
     names
