@@ -93,6 +93,20 @@ pub fn test_images(data: &Path) -> Result<Vec<TestImage>> {
     Ok(out)
 }
 
+/// The ground-truth mask of a test image in MVTec AD layout: `<data>/ground_truth/<kind>/<stem>_mask.png`, if it
+/// exists. Good images have none.
+pub fn mask_for(data: &Path, kind: &str, image: &Path) -> Option<PathBuf> {
+    if kind == "good" {
+        return None;
+    }
+    let stem = image.file_stem()?.to_str()?;
+    let path = data
+        .join("ground_truth")
+        .join(kind)
+        .join(format!("{stem}_mask.png"));
+    path.is_file().then_some(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,21 @@ enum Command {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum MaskMode {
+    OriginalBilinear,
+    Nearest,
+}
+
+impl From<MaskMode> for patchcore::MaskResample {
+    fn from(m: MaskMode) -> Self {
+        match m {
+            MaskMode::OriginalBilinear => patchcore::MaskResample::OriginalBilinear,
+            MaskMode::Nearest => patchcore::MaskResample::Nearest,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum Preset {
     /// EfficientNet-Lite0, taps `_blocks.4` + `_blocks.10`, the original's other defaults (10% coreset, k = 1).
     Lite0,
@@ -91,6 +106,10 @@ struct EvalArgs {
     /// Write heatmap overlays for at most this many test images (all by default).
     #[arg(long)]
     overlays: Option<usize>,
+    /// How ground-truth masks (`ground_truth/<kind>/<name>_mask.png`) are resized for pixel AUROC and PRO:
+    /// `original-bilinear` as the original evaluates (only pixels still at full intensity count), or `nearest`.
+    #[arg(long, value_enum, default_value_t = MaskMode::OriginalBilinear)]
+    masks: MaskMode,
     /// Skip unreadable image files (each is reported with the reason) instead of stopping.
     #[arg(long)]
     skip_bad: bool,
@@ -314,6 +333,69 @@ fn score_files(
     Ok(predict_seconds)
 }
 
+/// Pixel-level results of an evaluation.
+struct PixelMetrics {
+    auroc: Option<f64>,
+    pro: Option<f64>,
+    note: Option<String>,
+}
+
+/// Pixel AUROC and PRO over the scored test images when every anomalous one has a ground-truth mask.
+fn pixel_metrics(
+    a: &EvalArgs,
+    model: &PatchCore,
+    test: &[dataset::TestImage],
+    mask_paths: &[Option<PathBuf>],
+    maps: &[(usize, ndarray::Array2<f32>)],
+) -> Result<PixelMetrics> {
+    let none = |note: String| PixelMetrics {
+        auroc: None,
+        pro: None,
+        note: Some(note),
+    };
+    if mask_paths.iter().all(|m| m.is_none()) {
+        return Ok(none(
+            "no ground_truth/<kind>/<name>_mask.png masks in the data folder".into(),
+        ));
+    }
+    let missing: Vec<_> = maps
+        .iter()
+        .filter(|(i, _)| test[*i].kind != "good" && mask_paths[*i].is_none())
+        .map(|(i, _)| test[*i].path.display().to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Ok(none(format!(
+            "{} anomalous images have no mask (e.g. {}); pixel metrics would be wrong, so none are given",
+            missing.len(),
+            missing[0]
+        )));
+    }
+    let crop = model.config().preprocess.crop as usize;
+    let mut masks = Vec::with_capacity(maps.len());
+    for (i, _) in maps {
+        masks.push(match &mask_paths[*i] {
+            Some(p) => {
+                let image = load_image(p)
+                    .with_context(|| format!("cannot read the mask {}", p.display()))?;
+                model.config().preprocess.mask(&image, a.masks.into())
+            }
+            None => ndarray::Array2::from_elem((crop, crop), false),
+        });
+    }
+    let map_views: Vec<_> = maps.iter().map(|(_, m)| m.view()).collect();
+    let mask_views: Vec<_> = masks.iter().map(|m| m.view()).collect();
+    let auroc = patchcore::metrics::pixel_auroc(&map_views, &mask_views);
+    let pro = patchcore::metrics::pro_auc(&map_views, &mask_views, 0.3);
+    Ok(match (auroc, pro) {
+        (Ok(auroc), Ok(pro)) => PixelMetrics {
+            auroc: Some(auroc),
+            pro: Some(pro),
+            note: None,
+        },
+        (Err(e), _) | (_, Err(e)) => none(e.to_string()),
+    })
+}
+
 /// An f32 as the shortest decimal that reads back to it (not the f64 widening, 27437.048828125).
 fn json_f32(v: f32) -> serde_json::Value {
     v.to_string()
@@ -366,6 +448,13 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut maps = overlay::Collector::new(limit, overlay::MapSize::Input);
     let mut scored: Vec<(usize, f32)> = Vec::with_capacity(files.len());
     let mut skipped = Skipped::new();
+    // Ground-truth masks, where the folder has them (MVTec AD layout); good images have none and are all normal.
+    let mask_paths: Vec<Option<PathBuf>> = test
+        .iter()
+        .map(|t| dataset::mask_for(&a.data, &t.kind, &t.path))
+        .collect();
+    let with_masks = mask_paths.iter().filter(|m| m.is_some()).count();
+    let mut pixel_maps: Vec<(usize, ndarray::Array2<f32>)> = Vec::new();
     let started = Instant::now();
     let predict_seconds = score_files(
         &model,
@@ -376,11 +465,15 @@ fn eval(a: EvalArgs) -> Result<()> {
         |i, image, score, map| {
             scored.push((i, score));
             maps.push(&files[i], image, model.config(), map);
+            if with_masks > 0 {
+                pixel_maps.push((i, map.to_owned()));
+            }
         },
     )?;
     let eval_seconds = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    let test: Vec<_> = scored.iter().map(|&(i, _)| test[i].clone()).collect();
+    let test_all = test;
+    let test: Vec<_> = scored.iter().map(|&(i, _)| test_all[i].clone()).collect();
     let scores: Vec<f32> = scored.iter().map(|&(_, s)| s).collect();
     let labels: Vec<bool> = test.iter().map(|t| t.kind != "good").collect();
     // A test set with one class only still gets its scores reported; its AUROC is undefined, never 0 or 0.5.
@@ -390,6 +483,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("cannot evaluate {}", a.data.display())),
     };
     let written = maps.write(&a.out.join("overlays"), &a.data)?;
+    let pixel = pixel_metrics(&a, &model, &test_all, &mask_paths, &pixel_maps)?;
 
     let stats = model.stats();
     let entries: Vec<_> = test
@@ -413,6 +507,10 @@ fn eval(a: EvalArgs) -> Result<()> {
         "model": a.model,
         "image_auroc": auroc,
         "image_auroc_note": auroc_note,
+        "pixel_auroc": pixel.auroc,
+        "pro": pixel.pro,
+        "pixel_metrics_note": pixel.note,
+        "masks": format!("{:?}", a.masks),
         "bank_size": model.bank_size(),
         "images": kinds,
         "timings": {
@@ -457,6 +555,11 @@ fn eval(a: EvalArgs) -> Result<()> {
         model.bank_size(),
         1000.0 * predict_seconds / scores.len().max(1) as f64
     );
+    if let (Some(p), Some(pro)) = (pixel.auroc, pixel.pro) {
+        println!("pixel AUROC {p:.4}, PRO (FPR ≤ 0.3) {pro:.4}");
+    } else if let Some(note) = &pixel.note {
+        println!("pixel metrics: {note}");
+    }
     println!("report written to {} ({written} overlays)", path.display());
     Ok(())
 }

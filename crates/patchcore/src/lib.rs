@@ -53,7 +53,7 @@ pub use patchcore_patch as patch;
 pub use patchcore_patch::{EmbedConfig, PatchMaker};
 pub use patchcore_segmentation as segmentation;
 pub use patchcore_segmentation::{Border, GaussianBlur, SegmentationConfig, Upsample};
-pub use preprocess::{decode_image, load_image, PreprocessConfig, Resample};
+pub use preprocess::{decode_image, load_image, MaskResample, PreprocessConfig, Resample};
 
 use serde::{Deserialize, Serialize};
 

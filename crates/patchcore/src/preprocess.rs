@@ -135,6 +135,74 @@ impl PreprocessConfig {
     }
 }
 
+/// How ground-truth masks are brought to the model's input grid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskResample {
+    /// The original's evaluation: the mask goes through the image's PIL bilinear resize and centre crop, and only
+    /// pixels that stay exactly at full intensity count as anomalous (`astype(int)` of values in 0..1), which
+    /// shrinks every region by its blurred border.
+    #[default]
+    OriginalBilinear,
+    /// Nearest-neighbour resize, then any non-zero pixel is anomalous: region borders stay where they were drawn.
+    Nearest,
+}
+
+impl PreprocessConfig {
+    /// Brings a ground-truth mask (any image; non-zero grey means anomalous) onto the model's crop × crop input
+    /// grid, with the same resize and centre crop as the images.
+    pub fn mask(&self, mask: &DynamicImage, mode: MaskResample) -> Array2<bool> {
+        let grey = mask.to_luma8();
+        let (w, h) = (grey.width() as usize, grey.height() as usize);
+        let (ow, oh) = resized_size(w, h, self.resize as usize);
+        let crop = self.crop as usize;
+        let window = CropWindow::new(ow, oh, crop);
+        let (cols, rows) = window.spans();
+        let ncols = cols.len();
+        let (x0, y0) = (cols.start, rows.start);
+        let resized: Vec<bool> = match mode {
+            MaskResample::OriginalBilinear => resize_u8_window(
+                grey.as_raw(),
+                (w, h),
+                1,
+                (ow, oh),
+                cols.clone(),
+                rows.clone(),
+            )
+            .into_iter()
+            .map(|v| v == 255)
+            .collect(),
+            MaskResample::Nearest => {
+                let mut out = Vec::with_capacity(ncols * rows.len());
+                for y in rows.clone() {
+                    // PIL's NEAREST: the source pixel under the output pixel's centre.
+                    let sy = (((y as f64 + 0.5) * h as f64 / oh as f64) as usize).min(h - 1);
+                    for x in cols.clone() {
+                        let sx = (((x as f64 + 0.5) * w as f64 / ow as f64) as usize).min(w - 1);
+                        out.push(grey.as_raw()[sy * w + sx] != 0);
+                    }
+                }
+                out
+            }
+        };
+        let mut out = Array2::from_elem((crop, crop), false);
+        for y in 0..crop {
+            let sy = window.top + y as isize;
+            for x in 0..crop {
+                let sx = window.left + x as isize;
+                if sy >= y0 as isize
+                    && sx >= x0 as isize
+                    && (sy as usize) < rows.end
+                    && (sx as usize) < cols.end
+                {
+                    out[[y, x]] = resized[(sy as usize - y0) * ncols + sx as usize - x0];
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Whether the image's samples have at most 8 bits (the PIL-exact fixed-point path applies).
 fn is_8bit(image: &DynamicImage) -> bool {
     matches!(
@@ -548,6 +616,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn masks_follow_the_image_geometry() {
+        use image::{GrayImage, Luma};
+        let config = PreprocessConfig {
+            resize: 256,
+            crop: 224,
+            normalization: Normalization {
+                mean: [0.0; 3],
+                std: [1.0; 3],
+            },
+            resample: Resample::PilBilinear,
+        };
+        // A 300 × 300 mask with the square 120..180 marked: × 256/300 → 102.4..153.6, minus the crop offset 16.
+        let mask = GrayImage::from_fn(300, 300, |x, y| {
+            Luma([if (120..180).contains(&x) && (120..180).contains(&y) {
+                255
+            } else {
+                0
+            }])
+        });
+        let m = DynamicImage::ImageLuma8(mask);
+        let original = config.mask(&m, MaskResample::OriginalBilinear);
+        let nearest = config.mask(&m, MaskResample::Nearest);
+        let count = |a: &Array2<bool>| a.iter().filter(|&&v| v).count();
+        // Nearest keeps the drawn square: output pixels y with (y + 0.5) · 300/256 in 120..180, i.e. y in
+        // 101.9..153.1, so 102..=153: 52 × 52.
+        assert_eq!(count(&nearest), 52 * 52);
+        assert!(nearest[[128 - 16, 128 - 16]] && !nearest[[0, 0]]);
+        // The original's rule loses the blurred border: strictly fewer pixels, all inside the nearest square.
+        assert!(count(&original) < count(&nearest) && count(&original) > 40 * 40);
+        assert!(original.iter().zip(nearest.iter()).all(|(o, n)| !o || *n));
     }
 
     #[test]
