@@ -16,7 +16,6 @@
 //! Tests that need the real backbone weights read `PATCHCORE_LITE0_WEIGHTS` (`cargo xtask test` sets it); without
 //! it they print a notice and return, unless `PATCHCORE_REQUIRE_WEIGHTS=1`, which turns the absence into a failure.
 
-
 use ndarray::{Array4, Axis};
 use patchcore::{
     load_image, ConfigError, Error, GreedyConfig, PatchCore, PatchCoreConfig, Progress, Sampler,

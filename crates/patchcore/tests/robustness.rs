@@ -2,7 +2,6 @@
 //!
 //! These tests need the real Lite0 weights through `PATCHCORE_LITE0_WEIGHTS` (see `tests/pipeline.rs`).
 
-
 use image::{DynamicImage, GrayImage, Luma};
 use patchcore::{load_image, PatchCore, PatchCoreConfig};
 use safetensors::SafeTensors;
