@@ -256,3 +256,54 @@ fn extreme_aspect_ratios_are_preprocessed() {
     assert_eq!(t.dim(), (3, 224, 224));
     assert!(t.iter().all(|v| v.is_finite()));
 }
+
+/// The other formats the `image` crate decodes: each round-trips through its encoder and preprocesses like the
+/// same pixels in PNG (float formats keep their precision, so they agree to rounding).
+#[test]
+fn other_formats_decode_like_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = grey(64, 48);
+    let rgb = DynamicImage::ImageLuma8(g).to_rgb8();
+    let c = config();
+    let want = c.preprocess.apply(&DynamicImage::ImageRgb8(rgb.clone()));
+    let float = DynamicImage::ImageRgb8(rgb.clone()).to_rgb32f();
+    let cases: Vec<(&str, DynamicImage, image::ImageFormat, f32)> = vec![
+        (
+            "a.qoi",
+            DynamicImage::ImageRgb8(rgb.clone()),
+            image::ImageFormat::Qoi,
+            0.0,
+        ),
+        (
+            "a.ico",
+            DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(rgb.clone()).to_rgba8()),
+            image::ImageFormat::Ico,
+            0.0,
+        ),
+        (
+            "a.ff",
+            DynamicImage::ImageRgba16(DynamicImage::ImageRgb8(rgb.clone()).to_rgba16()),
+            image::ImageFormat::Farbfeld,
+            2.0 / 128.0,
+        ),
+        (
+            "a.hdr",
+            DynamicImage::ImageRgb32F(float.clone()),
+            image::ImageFormat::Hdr,
+            0.02,
+        ),
+        (
+            "a.exr",
+            DynamicImage::ImageRgb32F(float),
+            image::ImageFormat::OpenExr,
+            2.0 / 128.0,
+        ),
+    ];
+    for (name, img, format, tolerance) in cases {
+        let path = dir.path().join(name);
+        img.save_with_format(&path, format).unwrap();
+        let got = c.preprocess.apply(&load_image(&path).unwrap());
+        let err = max_diff(&got, &want);
+        assert!(err <= tolerance + 1e-6, "{name}: max difference {err}");
+    }
+}
