@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 
 /// File suffixes taken as images (case-insensitive). The content decides the format when decoding.
 const IMAGE_SUFFIXES: &[&str] = &[
-    "png", "jpg", "jpeg", "bmp", "tif", "tiff", "gif", "webp", "pnm", "pgm", "ppm", "pbm", "tga", "ico", "qoi",
-    "hdr", "exr", "dds", "ff",
+    "png", "jpg", "jpeg", "bmp", "tif", "tiff", "gif", "webp", "pnm", "pgm", "ppm", "pbm", "tga",
+    "ico", "qoi", "hdr", "exr", "dds", "ff",
 ];
 
 /// One test image and its kind (the name of its folder under `test/`).
