@@ -24,10 +24,14 @@ use std::fmt;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::kernel::{self, NR};
 use crate::{format, ExactConfig, IndexSpec, KnnError, KnnIndex, Neighbors};
 
-/// The most queries per GEMM tile.
+/// The most queries per GEMM tile of the portable path.
 const QUERY_BLOCK: usize = 128;
+/// The most queries per block of the AVX-512 kernel: a multiple of [`kernel::MR`] whose packed
+/// rows (896 KiB at 1024 dimensions) stay in a core's L2 cache while the bank streams past.
+const KERNEL_QUERY_BLOCK: usize = 16 * kernel::MR;
 /// Bank rows per GEMM tile.
 const BANK_BLOCK: usize = 4096;
 /// Fewest bank rows worth giving a separate work item when splitting the bank across threads.
@@ -44,8 +48,8 @@ pub(crate) struct ExactIndex {
     n: usize,
     /// The original rows, for exact rescoring and serialisation.
     bank: Vec<f32>,
-    /// The rows minus `mean`, for the GEMM shortlist.
-    centred: Vec<f32>,
+    /// The rows minus `mean` in the layout of the kernel that computes the shortlist.
+    layout: Layout,
     /// The bank mean (rounded to `f32`).
     mean: Vec<f32>,
     /// Squared norms of the centred rows.
@@ -57,6 +61,25 @@ pub(crate) struct ExactIndex {
     pool: rayon::ThreadPool,
 }
 
+/// Which kernel computes the shortlist's dot products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KernelChoice {
+    /// The AVX-512 kernel where the CPU has AVX-512F, else the portable one.
+    Auto,
+    /// The `gemm` crate on row-major data, on every CPU.
+    #[cfg(test)]
+    Portable,
+}
+
+/// The centred bank, laid out for one kernel.
+enum Layout {
+    /// Row-major rows for the `gemm` crate.
+    RowMajor(Vec<f32>),
+    /// Panels of [`NR`] rows for the AVX-512 kernel (see [`kernel`]), with one squared norm per
+    /// packed row: the rows' norms, then NaN for the padding.
+    Packed { panels: Vec<f32>, norms: Vec<f32> },
+}
+
 impl fmt::Debug for ExactIndex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ExactIndex")
@@ -64,6 +87,13 @@ impl fmt::Debug for ExactIndex {
             .field("dim", &self.dim)
             .field("len", &self.n)
             .field("threads", &self.pool.current_num_threads())
+            .field(
+                "kernel",
+                &match self.layout {
+                    Layout::RowMajor(_) => "portable",
+                    Layout::Packed { .. } => "avx512",
+                },
+            )
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +122,15 @@ fn exact_distance(a: &[f32], b: &[f32]) -> f64 {
 
 impl ExactIndex {
     pub(crate) fn new(config: ExactConfig, bank: Vec<f32>, dim: usize) -> Result<Self, KnnError> {
+        Self::with_kernel(config, bank, dim, KernelChoice::Auto)
+    }
+
+    pub(crate) fn with_kernel(
+        config: ExactConfig,
+        bank: Vec<f32>,
+        dim: usize,
+        choice: KernelChoice,
+    ) -> Result<Self, KnnError> {
         if dim == 0 {
             return Err(KnnError::ZeroDimension);
         }
@@ -117,7 +156,8 @@ impl ExactIndex {
             .build()
             .map_err(|e| KnnError::Config(format!("cannot create the thread pool: {e}")))?;
 
-        let (mean, centred, norms) = pool.install(|| {
+        let packed = choice == KernelChoice::Auto && kernel::available();
+        let (mean, layout, norms) = pool.install(|| {
             // Column sums in f64, accumulated per block of rows in parallel.
             let sums = bank
                 .par_chunks(dim * 256)
@@ -138,15 +178,45 @@ impl ExactIndex {
                     },
                 );
             let mean: Vec<f32> = sums.iter().map(|s| (s / n as f64) as f32).collect();
-            let mut centred = bank.clone();
-            let norms: Vec<f32> = centred
-                .par_chunks_mut(dim)
-                .map(|row| {
-                    row.iter_mut().zip(&mean).for_each(|(v, m)| *v -= m);
-                    squared_norm(row) as f32
-                })
-                .collect();
-            (mean, centred, norms)
+            if packed {
+                // Centre and pack panel by panel, so that no row-major centred copy is made.
+                let mut panels = vec![0f32; n.div_ceil(NR) * NR * dim];
+                let panel_norms: Vec<Vec<f32>> = panels
+                    .par_chunks_mut(NR * dim)
+                    .zip(bank.par_chunks(NR * dim))
+                    .map(|(panel, rows)| {
+                        let mut row = vec![0f32; dim];
+                        let mut norms = vec![f32::NAN; NR];
+                        for (lane, original) in rows.chunks_exact(dim).enumerate() {
+                            for ((c, &v), m) in row.iter_mut().zip(original).zip(&mean) {
+                                *c = v - m;
+                            }
+                            norms[lane] = squared_norm(&row) as f32;
+                            for (k, &c) in row.iter().enumerate() {
+                                panel[k * NR + lane] = c;
+                            }
+                        }
+                        norms
+                    })
+                    .collect();
+                let packed_norms: Vec<f32> = panel_norms.concat();
+                let norms = packed_norms[..n].to_vec();
+                let layout = Layout::Packed {
+                    panels,
+                    norms: packed_norms,
+                };
+                (mean, layout, norms)
+            } else {
+                let mut centred = bank.clone();
+                let norms: Vec<f32> = centred
+                    .par_chunks_mut(dim)
+                    .map(|row| {
+                        row.iter_mut().zip(&mean).for_each(|(v, m)| *v -= m);
+                        squared_norm(row) as f32
+                    })
+                    .collect();
+                (mean, Layout::RowMajor(centred), norms)
+            }
         });
         let max_squared = norms.iter().fold(0f32, |a, &b| a.max(b));
         let max_norm = f64::from(max_squared).sqrt() * (1.0 + 4.0 * U);
@@ -156,7 +226,7 @@ impl ExactIndex {
             n,
             exhaustive: max_norm.is_nan() || max_norm * max_norm > MAX_SAFE_SQUARED,
             bank,
-            centred,
+            layout,
             mean,
             norms,
             max_norm,
@@ -184,6 +254,9 @@ impl ExactIndex {
     }
 
     /// Shortlists candidates for queries `q0..q1` against bank rows `b0..b1`.
+    ///
+    /// With the AVX-512 kernel, `b0` must be a multiple of [`NR`] and `b1` either a multiple of
+    /// [`NR`] or the bank size.
     fn shortlist(
         &self,
         queries: &[f32],
@@ -204,9 +277,55 @@ impl ExactIndex {
             query_norms.push(sq as f32);
             lists.push(self.bound(sq.sqrt()).map(|e| Shortlist::new(e, k)));
         }
-        if lists.iter().all(Option::is_none) {
+        if lists.iter().all(Option::is_none) || b0 >= b1 {
             return Block { lists };
         }
+        match &self.layout {
+            Layout::Packed { panels, norms } => {
+                debug_assert!(b0 % NR == 0 && (b1 % NR == 0 || b1 == self.n));
+                let packed = kernel::pack(&centred, dim, kernel::MR);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the packed layout is only built when `kernel::available()` reported
+                // AVX-512F; `packed` holds `m.div_ceil(MR)` query panels, and `panels` and `norms`
+                // hold `n.div_ceil(NR)` bank panels, of which `b0 / NR .. b1.div_ceil(NR)` are
+                // read.
+                unsafe {
+                    kernel::scan_panels(
+                        &packed,
+                        &query_norms,
+                        &mut lists,
+                        kernel::Panels {
+                            values: panels,
+                            norms,
+                        },
+                        dim,
+                        b0 / NR..b1.div_ceil(NR),
+                    );
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!(
+                    "the packed layout is only built on x86_64: {packed:?} {panels:?} {norms:?}"
+                );
+            }
+            Layout::RowMajor(bank) => {
+                self.shortlist_portable(bank, &centred, &query_norms, &mut lists, b0, b1);
+            }
+        }
+        Block { lists }
+    }
+
+    /// The portable shortlist: tiles of dot products from the `gemm` crate, then a scalar scan.
+    fn shortlist_portable(
+        &self,
+        bank: &[f32],
+        centred: &[f32],
+        query_norms: &[f32],
+        lists: &mut [Option<Shortlist>],
+        b0: usize,
+        b1: usize,
+    ) {
+        let dim = self.dim;
+        let m = lists.len();
         let mut dots = vec![0f32; m * BANK_BLOCK.min(b1 - b0)];
         let mut t0 = b0;
         while t0 < b1 {
@@ -216,8 +335,8 @@ impl ExactIndex {
             // SAFETY: `dots` holds `m × nb` values written row-major (row stride `nb`, column
             // stride 1); `centred` holds `m × dim` values read row-major (row stride `dim`); the
             // right-hand side is the `dim × nb` transpose of bank rows `t0..t1`, i.e. element
-            // `(kk, j)` at `self.centred[(t0 + j)·dim + kk]` (row stride 1, column stride `dim`),
-            // all inside `self.centred`. The buffers do not overlap and `read_dst` is false.
+            // `(kk, j)` at `bank[(t0 + j)·dim + kk]` (row stride 1, column stride `dim`), all
+            // inside `bank`. The buffers do not overlap and `read_dst` is false.
             unsafe {
                 gemm::gemm(
                     m,
@@ -230,7 +349,7 @@ impl ExactIndex {
                     centred.as_ptr(),
                     1,
                     dim as isize,
-                    self.centred[t0 * dim..t1 * dim].as_ptr(),
+                    bank[t0 * dim..t1 * dim].as_ptr(),
                     dim as isize,
                     1,
                     0.0,
@@ -242,18 +361,13 @@ impl ExactIndex {
                 );
             }
             let norms = &self.norms[t0..t1];
-            for ((list, &qn), row) in lists
-                .iter_mut()
-                .zip(&query_norms)
-                .zip(dots.chunks_exact(nb))
-            {
+            for ((list, &qn), row) in lists.iter_mut().zip(query_norms).zip(dots.chunks_exact(nb)) {
                 if let Some(list) = list {
                     list.scan(qn, norms, row, t0 as u32);
                 }
             }
             t0 = t1;
         }
-        Block { lists }
     }
 }
 
@@ -264,7 +378,7 @@ struct Block {
 
 /// The running shortlist of one query: every `(GEMM distance, index)` that may still be among the
 /// `k` nearest.
-struct Shortlist {
+pub(crate) struct Shortlist {
     /// `2e`, the width of the acceptance band above the `k`-th best GEMM distance.
     band: f64,
     /// Accept distances `≤ threshold`; starts at infinity and only decreases.
@@ -286,16 +400,26 @@ impl Shortlist {
         }
     }
 
+    /// The current acceptance threshold: GEMM distances above it can be dropped.
+    pub(crate) fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
+    /// Offers one GEMM distance `d` of bank row `index`.
+    #[inline]
+    pub(crate) fn offer(&mut self, d: f32, index: u32) {
+        if d <= self.threshold {
+            self.items.push((d, index));
+            if self.items.len() >= self.capacity {
+                self.prune();
+            }
+        }
+    }
+
     /// Offers one tile row of GEMM dot products with bank rows `base..`.
     fn scan(&mut self, query_norm: f32, norms: &[f32], dots: &[f32], base: u32) {
         for (j, (&bn, &dot)) in norms.iter().zip(dots).enumerate() {
-            let d = (query_norm + bn) - 2.0 * dot;
-            if d <= self.threshold {
-                self.items.push((d, base + j as u32));
-                if self.items.len() >= self.capacity {
-                    self.prune();
-                }
-            }
+            self.offer((query_norm + bn) - 2.0 * dot, base + j as u32);
         }
     }
 
@@ -437,9 +561,14 @@ impl KnnIndex for ExactIndex {
             // too few query blocks to keep every thread busy.
             // Round the number of query blocks up to a multiple of the thread count and size the
             // blocks evenly, so that no thread is left with a lone short block at the end.
+            // The AVX-512 kernel wants whole panels of queries and of bank rows.
+            let (query_block, query_align, bank_align) = match self.layout {
+                Layout::Packed { .. } => (KERNEL_QUERY_BLOCK, kernel::MR, NR),
+                Layout::RowMajor(_) => (QUERY_BLOCK, 1, 1),
+            };
             let threads = rayon::current_num_threads();
-            let blocks = nq.div_ceil(QUERY_BLOCK).div_ceil(threads) * threads;
-            let block = nq.div_ceil(blocks);
+            let blocks = nq.div_ceil(query_block).div_ceil(threads) * threads;
+            let block = nq.div_ceil(blocks).next_multiple_of(query_align);
             let blocks = nq.div_ceil(block);
             let parts = if blocks >= 2 * threads {
                 1
@@ -449,7 +578,7 @@ impl KnnIndex for ExactIndex {
                     .min(self.n.div_ceil(MIN_BANK_PART))
                     .max(1)
             };
-            let part_len = self.n.div_ceil(parts);
+            let part_len = self.n.div_ceil(parts).next_multiple_of(bank_align);
             let shortlists: Vec<Block> = (0..blocks * parts)
                 .into_par_iter()
                 .map(|item| {
@@ -515,6 +644,49 @@ mod tests {
                     (k..=k + 10).contains(&shortlisted),
                     "query {q}, k {k}: {shortlisted} candidates"
                 );
+            }
+        }
+    }
+
+    /// The AVX-512 kernel (where this CPU has it) and the portable `gemm` path must give
+    /// bit-identical results, on shapes that leave partial query and bank panels.
+    #[test]
+    fn kernels_agree_bit_for_bit() {
+        for (seed, (n, nq, dim, offset)) in [
+            (1, 37, 3, 0.0),
+            (33, 15, 7, 0.0),
+            (1000, 29, 64, 50.0),
+            (4097, 200, 48, 0.0),
+            (9000, 250, 32, -3.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let bank: Vec<f32> = values(n * dim, 10 + seed as u64)
+                .iter()
+                .map(|v| offset + v)
+                .collect();
+            let mut queries: Vec<f32> = values(nq * dim, 20 + seed as u64)
+                .iter()
+                .map(|v| offset + v)
+                .collect();
+            // An exact duplicate of a bank row.
+            queries[..dim].copy_from_slice(&bank[(n / 2) * dim..(n / 2 + 1) * dim]);
+            for threads in [1, 3] {
+                let config = ExactConfig {
+                    threads: Some(threads),
+                };
+                let auto = ExactIndex::new(config.clone(), bank.clone(), dim).unwrap();
+                let portable =
+                    ExactIndex::with_kernel(config, bank.clone(), dim, KernelChoice::Portable)
+                        .unwrap();
+                for k in [1, 3.min(n), 10.min(n)] {
+                    let a = auto.search(&queries, k).unwrap();
+                    let b = portable.search(&queries, k).unwrap();
+                    assert_eq!(a.indices(), b.indices(), "n {n}, nq {nq}, k {k}");
+                    assert_eq!(a.distances(), b.distances(), "n {n}, nq {nq}, k {k}");
+                    assert_eq!(a.row(0).0[0], 0.0);
+                }
             }
         }
     }

@@ -25,8 +25,12 @@
 //!   description (`{"backend": "exact", "threads": null}`) that builds or reads an index, in the
 //!   style of linfa-nn.
 //! * **Exact backend.** Distances are first computed for tiles of queries × bank rows as
-//!   `‖x‖² + ‖y‖² − 2·x·y` with the `gemm` crate (pure Rust, SIMD), on data centred on the bank
-//!   mean, in parallel on a per-index rayon thread pool (never the global one). That formulation
+//!   `‖x‖² + ‖y‖² − 2·x·y`, on data centred on the bank mean, in parallel on a per-index rayon
+//!   thread pool (never the global one). Where the CPU has AVX-512F (detected at run time), a
+//!   fused kernel multiplies query panels with a bank packed into panels once at build time and
+//!   filters the distances in registers, so the distance matrix is never written to memory;
+//!   elsewhere the portable `gemm` crate computes tiles of dot products. Both kernels give
+//!   bit-identical results. That formulation
 //!   cancels catastrophically when distances are small next to the norms, so it is only used to
 //!   *shortlist*: every bank row whose GEMM distance is within a rigorous floating-point error
 //!   bound of the running `k`-th best is kept, and the shortlist is then rescored exactly as
@@ -47,6 +51,7 @@
 mod error;
 mod exact;
 mod format;
+mod kernel;
 mod neighbors;
 
 use serde::{Deserialize, Serialize};
