@@ -36,8 +36,8 @@
 //!   bound of the running `k`-th best is kept, and the shortlist is then rescored exactly as
 //!   `Σ(x − y)²` in `f64` on the original values and re-selected. The result is exact up to the
 //!   final rounding to `f32`: never negative, exactly zero for duplicates, and ties are broken by
-//!   the lower bank index. The index keeps both the original and the centred bank (twice the
-//!   bank's memory) so that rescoring uses the original values.
+//!   the lower bank index. The index keeps both the original and the centred (packed) bank, about
+//!   twice the bank's memory, so that rescoring uses the original values.
 //! * **Errors, not panics.** Every invalid input (empty bank, ragged buffers, `k` out of range,
 //!   NaN or infinite values, corrupt streams) is a [`KnnError`] carrying the offending values.
 //! * **Serialisation.** [`KnnIndex::write_to`] writes the backend's own format; for the exact
