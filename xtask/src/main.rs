@@ -5,12 +5,15 @@
 //! `PATCHCORE_CACHE` says otherwise.
 
 mod args;
+mod download;
 mod elpv;
 mod fsutil;
 mod paths;
 mod pip;
 mod report;
 mod tasks;
+#[cfg(test)]
+mod testserver;
 mod weights;
 
 use std::process::ExitCode;
