@@ -80,11 +80,6 @@ impl TestServer {
         self.lock().files.insert(path.to_owned(), served);
     }
 
-    /// Returns the server's base URL, `http://127.0.0.1:PORT`.
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
     /// Returns the URL of `path` on this server.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
