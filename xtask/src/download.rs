@@ -152,10 +152,16 @@ impl Downloader {
             }
         }
         let err = last_error.unwrap_or_else(|| anyhow::anyhow!("no attempt was made"));
+        let kept = if part.is_file() {
+            format!(
+                "; the partial file {} is kept and the next run resumes it",
+                part.display()
+            )
+        } else {
+            String::new()
+        };
         Err(err.context(format!(
-            "could not download {url} in {attempts} attempts; the partial file {} is kept \
-             and the next run resumes it",
-            part.display()
+            "could not download {url} in {attempts} attempts{kept}"
         )))
     }
 
@@ -668,7 +674,10 @@ mod tests {
         let err = downloader
             .fetch(&server.url("/f.bin"), &dest, &checksum)
             .unwrap_err();
-        assert!(format!("{err:#}").contains("in 2 attempts"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("in 2 attempts; the partial file"),
+            "{err:#}"
+        );
         assert!(!dest.exists());
         let kept = fs::read(part_path(&dest)).unwrap();
         assert_eq!(kept, body[..kept.len()]);
