@@ -4,13 +4,19 @@
 //! into a cache folder, `target/patchcore-cache` unless `--cache` or
 //! `PATCHCORE_CACHE` says otherwise.
 
+mod archive;
 mod args;
+mod download;
 mod elpv;
 mod fsutil;
+mod mvtec;
 mod paths;
 mod pip;
 mod report;
 mod tasks;
+#[cfg(test)]
+mod testserver;
+mod torchvision;
 mod weights;
 
 use std::process::ExitCode;
@@ -33,6 +39,17 @@ Commands:
   fetch elpv [--cache DIR]
       Download the ELPV solar-cell data set with pip and lay it out as
       MVTec-style folders under <cache>/data/elpv/{mono,poly}/.
+  fetch weights <model> [--cache DIR] [--url-base URL]
+      Download torchvision's ImageNet checkpoint for resnet18, resnet34,
+      resnet50, resnet101, resnet152, wide_resnet50_2 or wide_resnet101_2
+      into <cache>/weights/ (resumable; the sha256 prefix in its file name
+      is checked) and print its path.
+  download mvtec [--category NAME]... [--cache DIR] [--url-base URL]
+      Download MVTec AD from its publisher (the whole set, or the named
+      categories' own archives), resumably and checked, and extract it
+      safely into <cache>/data/mvtec/<category>/. Categories already there
+      are skipped. --url-base (or PATCHCORE_MVTEC_URL_BASE) fetches
+      <URL>/<archive name> from a mirror instead.
   test [--quick] [--cache DIR]
       Fetch the weights, run the workspace tests with them, then (unless
       --quick) check formatting, clippy lints and documentation.
@@ -72,8 +89,11 @@ fn run(argv: &[String]) -> Result<()> {
         "help" | "--help" | "-h" => print!("{HELP}"),
         "fetch" => {
             let Some((what, rest)) = rest.split_first() else {
-                bail!("`fetch` needs a target: `lite0-weights` or `elpv`");
+                bail!("`fetch` needs a target: `lite0-weights`, `elpv` or `weights`");
             };
+            if what == "weights" {
+                return torchvision::command(rest);
+            }
             let options = Options::parse(rest, &["--cache"], &[])?;
             let cache = paths::cache_dir(options.value("--cache"))?;
             match what.as_str() {
@@ -89,10 +109,11 @@ fn run(argv: &[String]) -> Result<()> {
                     println!("{}", layout.root.display());
                 }
                 other => {
-                    bail!("unknown fetch target `{other}`: expected `lite0-weights` or `elpv`")
+                    bail!("unknown fetch target `{other}`: expected `lite0-weights`, `elpv` or `weights`")
                 }
             }
         }
+        "download" => mvtec::command(rest)?,
         "test" => {
             let options = Options::parse(rest, &["--cache"], &["--quick"])?;
             let cache = paths::cache_dir(options.value("--cache"))?;
