@@ -6,12 +6,14 @@
 
 mod archive;
 mod args;
+mod bench;
 mod download;
 mod elpv;
 mod fsutil;
 mod mvtec;
 mod paths;
 mod pip;
+mod plot;
 mod report;
 mod tasks;
 #[cfg(test)]
@@ -57,6 +59,13 @@ Commands:
       Fetch what is missing, fit and evaluate PatchCore on the ELPV cells
       (mono by default) and print a summary of the report.
       Default output: target/patchcore-demo/elpv-<type>.
+  bench [--dataset mvtec|elpv-mono|elpv-poly|PATH] [--category A,B]
+        [--backbone lite0] [--coreset RATIO] [--nn exact] [--overlays N]
+        [--out DIR] [--cache DIR]
+      Fit and evaluate per category (elpv-mono, coreset 0.01 by default) and
+      write report.md, report.json, report.csv, roc_/pro_<category>.png and
+      overlays. MVTec AD is read from <cache>/data/mvtec/<category>/.
+      Default output: target/patchcore-bench/<dataset>-<UTC time>.
   help
       Print this text.
 
@@ -132,6 +141,11 @@ fn run(argv: &[String]) -> Result<()> {
                 None => tasks::default_demo_out(cell_type),
             };
             tasks::demo(&cache, &out, cell_type)?;
+        }
+        "bench" => {
+            let options = Options::parse(rest, bench::BenchArgs::OPTIONS, &[])?;
+            let cache = paths::cache_dir(options.value("--cache"))?;
+            bench::bench(&cache, &bench::BenchArgs::from_options(&options)?)?;
         }
         other => bail!("unknown command `{other}`; run `cargo xtask help` for the list"),
     }

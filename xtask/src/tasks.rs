@@ -19,7 +19,7 @@ fn cargo() -> OsString {
 }
 
 /// Returns a cargo command with `args`, run in the workspace root.
-fn cargo_command(args: &[&str]) -> Command {
+pub(crate) fn cargo_command(args: &[&str]) -> Command {
     let mut command = Command::new(cargo());
     command.args(args).current_dir(workspace_root());
     command

@@ -1,6 +1,7 @@
 //! `patchcore`: fit, evaluate and apply PatchCore anomaly detectors from the command line.
 
 mod dataset;
+mod measure;
 mod overlay;
 
 use std::path::{Path, PathBuf};
@@ -9,7 +10,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use patchcore::{load_image, GreedyConfig, PatchCore, PatchCoreConfig, Progress, Sampler};
+use patchcore::{
+    load_image, CalibrationConfig, GreedyConfig, PatchCore, PatchCoreConfig, Progress, Sampler,
+    Threshold,
+};
 use serde_json::json;
 
 /// PatchCore industrial anomaly detection: learn "normal" from good images, then score new ones.
@@ -44,6 +48,13 @@ impl From<MaskMode> for patchcore::MaskResample {
             MaskMode::Nearest => patchcore::MaskResample::Nearest,
         }
     }
+}
+
+/// How `eval` chooses a threshold to store in the model.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SetThreshold {
+    /// The threshold with the best F1 score on the evaluated images.
+    F1,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -81,6 +92,18 @@ struct FitArgs {
     /// Images per backbone pass.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Calibrate a decision threshold without defect examples: hold a share of the good training images out of
+    /// the memory bank (--holdout), score them after the fit, and store the threshold that at most this share of
+    /// them exceeds (for example 0.01). Without it the fit uses every image and stores no threshold.
+    #[arg(long)]
+    false_alarm_rate: Option<f64>,
+    /// Share of the good training images held out for --false-alarm-rate, chosen at random with --seed.
+    #[arg(long, requires = "false_alarm_rate", default_value_t = CalibrationConfig::default().holdout_fraction)]
+    holdout: f64,
+    /// Also write a JSON summary of the fit here: statistics, memory (peak RSS, bank before coreset, weights),
+    /// threshold.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Skip unreadable image files (each is reported with the reason) instead of stopping.
     #[arg(long)]
     skip_bad: bool,
@@ -110,6 +133,10 @@ struct EvalArgs {
     /// `original-bilinear` as the original evaluates (only pixels still at full intensity count), or `nearest`.
     #[arg(long, value_enum, default_value_t = MaskMode::OriginalBilinear)]
     masks: MaskMode,
+    /// Choose a decision threshold on these labelled images and store it in the model file (rewritten
+    /// atomically in place); the report's decisions then use it.
+    #[arg(long, value_enum)]
+    set_threshold: Option<SetThreshold>,
     /// Skip unreadable image files (each is reported with the reason) instead of stopping.
     #[arg(long)]
     skip_bad: bool,
@@ -132,6 +159,9 @@ struct PredictArgs {
     /// Do not write overlays.
     #[arg(long)]
     no_overlays: bool,
+    /// Decide with this threshold on the image score (anomalous when above it) instead of the model's.
+    #[arg(long, allow_negative_numbers = true)]
+    threshold: Option<f32>,
     /// Overlay size: the model's input crop, or the original image (after EXIF orientation).
     #[arg(long, value_enum, default_value_t = overlay::MapSize::Input)]
     map_size: overlay::MapSize,
@@ -228,22 +258,59 @@ fn fit(a: FitArgs) -> Result<()> {
             config.backbone.weights.display()
         );
     }
+    let calibration = a
+        .false_alarm_rate
+        .map(|rate| CalibrationConfig {
+            holdout_fraction: a.holdout,
+            false_alarm_rate: rate,
+            seed: config.seed,
+        })
+        .map(|c| c.validate().map(|()| c))
+        .transpose()?;
     check_output_file(&a.out)?;
-    let files = dataset::train_images(&a.data)?;
+    if let Some(report) = &a.report {
+        check_output_file(report)?;
+    }
+    let weights_bytes = std::fs::metadata(&config.backbone.weights)
+        .with_context(|| format!("cannot read {}", config.backbone.weights.display()))?
+        .len();
+    let all_files = dataset::train_images(&a.data)?;
+    let (files, held_out): (Vec<PathBuf>, Vec<PathBuf>) = match &calibration {
+        None => (all_files, Vec::new()),
+        Some(c) => {
+            let split = c.split(all_files.len()).with_context(|| {
+                format!(
+                    "cannot hold out good images of {} for --false-alarm-rate",
+                    a.data.display()
+                )
+            })?;
+            (
+                split.train.iter().map(|&i| all_files[i].clone()).collect(),
+                split
+                    .held_out
+                    .iter()
+                    .map(|&i| all_files[i].clone())
+                    .collect(),
+            )
+        }
+    };
     let started = Instant::now();
     let embed_bar = bar(files.len() as u64, "embedding", a.quiet);
     let mut coreset_bar: Option<ProgressBar> = None;
     let mut skipped = Skipped::new();
-    let images = files.iter().filter_map(|p| match load_image(p) {
+    let load = |p: &PathBuf, pb: &ProgressBar, skipped: &mut Skipped| match load_image(p) {
         Ok(image) => Some(Ok(image)),
         Err(e) if a.skip_bad => {
-            embed_bar.suspend(|| eprintln!("skipped {}: {e}", p.display()));
+            pb.suspend(|| eprintln!("skipped {}: {e}", p.display()));
             skipped.push((p.clone(), e.to_string()));
             None
         }
         Err(e) => Some(Err(e)),
-    });
-    let model = PatchCore::fit(config, images, &mut |p| match p {
+    };
+    let images = files
+        .iter()
+        .filter_map(|p| load(p, &embed_bar, &mut skipped));
+    let mut model = PatchCore::fit(config, images, &mut |p| match p {
         Progress::Embedded { images, .. } => embed_bar.set_position(images as u64),
         Progress::Coreset { done, total } => {
             embed_bar.finish();
@@ -261,6 +328,29 @@ fn fit(a: FitArgs) -> Result<()> {
     if let Some(pb) = coreset_bar {
         pb.finish_and_clear();
     }
+    let mut calibration_seconds = None;
+    if let Some(c) = &calibration {
+        let started = Instant::now();
+        let pb = bar(held_out.len() as u64, "held out", a.quiet);
+        let images = held_out.iter().filter_map(|p| {
+            pb.inc(1);
+            load(p, &pb, &mut skipped)
+        });
+        let scores = model
+            .calibrate(c, images)
+            .context("cannot calibrate the threshold on the held-out good images")?;
+        pb.finish_and_clear();
+        calibration_seconds = Some(started.elapsed().as_secs_f64());
+        if !c.resolves_rate(scores.len()) {
+            eprintln!(
+                "warning: {} held-out images cannot resolve a false-alarm rate of {} (that needs at least {}); \
+                 the threshold is the largest held-out score",
+                scores.len(),
+                c.false_alarm_rate,
+                (1.0 / c.false_alarm_rate).ceil()
+            );
+        }
+    }
     model
         .save(&a.out)
         .with_context(|| format!("cannot save the model to {}", a.out.display()))?;
@@ -268,17 +358,45 @@ fn fit(a: FitArgs) -> Result<()> {
         eprintln!("skipped {} unreadable training images", skipped.len());
     }
     let s = model.stats();
+    let fit_seconds = started.elapsed().as_secs_f64();
     println!(
         "fitted on {} images: {} patches -> memory bank of {} in {:.1} s (embedding {:.1} s, coreset {:.1} s, index {:.2} s)",
         s.images,
         s.patches,
         s.bank_size,
-        started.elapsed().as_secs_f64(),
+        fit_seconds,
         s.embed_seconds,
         s.coreset_seconds,
         s.index_seconds
     );
+    if let Some(t) = model.threshold() {
+        println!("threshold {} ({})", t.value, t.describe());
+    }
     println!("model written to {}", a.out.display());
+    if let Some(path) = &a.report {
+        let dim = model.config().embed.target_dim as u64;
+        let bank_before_coreset_bytes = s.patches as u64 * dim * 4;
+        let peak = measure::peak_rss_bytes();
+        let bound = 1.5 * (bank_before_coreset_bytes + weights_bytes) as f64;
+        let report = json!({
+            "data": a.data,
+            "model": a.out,
+            "fit": s,
+            "fit_seconds": fit_seconds,
+            "calibration_seconds": calibration_seconds,
+            "held_out_images": held_out.len(),
+            "threshold": model.threshold(),
+            "memory": {
+                "peak_rss_bytes": peak,
+                "bank_before_coreset_bytes": bank_before_coreset_bytes,
+                "weights_bytes": weights_bytes,
+                "bound_bytes": bound,
+                "within_bound": peak.map(|p| (p as f64) < bound),
+            },
+            "skipped": skipped_json(&skipped),
+        });
+        overlay::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
     Ok(())
 }
 
@@ -333,10 +451,15 @@ fn score_files(
     Ok(predict_seconds)
 }
 
+/// Points per curve in a report.
+const CURVE_POINTS: usize = 500;
+
 /// Pixel-level results of an evaluation.
 struct PixelMetrics {
     auroc: Option<f64>,
     pro: Option<f64>,
+    /// The PRO curve up to FPR 0.3, thinned to about [`CURVE_POINTS`] points.
+    pro_curve: Option<Vec<[f64; 2]>>,
     note: Option<String>,
 }
 
@@ -351,6 +474,7 @@ fn pixel_metrics(
     let none = |note: String| PixelMetrics {
         auroc: None,
         pro: None,
+        pro_curve: None,
         note: Some(note),
     };
     if mask_paths.iter().all(|m| m.is_none()) {
@@ -385,11 +509,13 @@ fn pixel_metrics(
     let map_views: Vec<_> = maps.iter().map(|(_, m)| m.view()).collect();
     let mask_views: Vec<_> = masks.iter().map(|m| m.view()).collect();
     let auroc = patchcore::metrics::pixel_auroc(&map_views, &mask_views);
-    let pro = patchcore::metrics::pro_auc(&map_views, &mask_views, 0.3);
-    Ok(match (auroc, pro) {
-        (Ok(auroc), Ok(pro)) => PixelMetrics {
+    // PRO is the area under its curve, so the curve is computed once for both (as `metrics::pro_auc` does).
+    let pro_curve = patchcore::metrics::pro_curve(&map_views, &mask_views, 0.3);
+    Ok(match (auroc, pro_curve) {
+        (Ok(auroc), Ok(curve)) => PixelMetrics {
             auroc: Some(auroc),
-            pro: Some(pro),
+            pro: Some(patchcore::metrics::trapezoid_area(&curve) / 0.3),
+            pro_curve: Some(measure::thin_curve(&curve, CURVE_POINTS)),
             note: None,
         },
         (Err(e), _) | (_, Err(e)) => none(e.to_string()),
@@ -436,7 +562,7 @@ fn skipped_json(skipped: &Skipped) -> serde_json::Value {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let started = Instant::now();
-    let model = PatchCore::load(&a.model, a.weights.as_deref())
+    let mut model = PatchCore::load(&a.model, a.weights.as_deref())
         .with_context(|| format!("cannot load the model {}", a.model.display()))?;
     let load_seconds = started.elapsed().as_secs_f64();
     let test = dataset::test_images(&a.data)?;
@@ -484,6 +610,36 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     let written = maps.write(&a.out.join("overlays"), &a.data)?;
     let pixel = pixel_metrics(&a, &model, &test_all, &mask_paths, &pixel_maps)?;
+    let (roc_curve, f1_max) = match auroc {
+        Some(_) => (
+            Some(measure::thin_curve(
+                &patchcore::metrics::roc_curve(&scores, &labels)?,
+                CURVE_POINTS,
+            )),
+            Some(patchcore::metrics::f1_threshold(&scores, &labels)?),
+        ),
+        None => (None, None),
+    };
+    if let Some(SetThreshold::F1) = a.set_threshold {
+        let threshold = Threshold::f1_optimal(&scores, &labels).with_context(|| {
+            format!(
+                "--set-threshold f1 needs good and anomalous test images in {}",
+                a.data.display()
+            )
+        })?;
+        model.set_threshold(Some(threshold));
+        model
+            .save(&a.model)
+            .with_context(|| format!("cannot rewrite the model {}", a.model.display()))?;
+    }
+    let threshold = model.threshold();
+    let mut confusion = [0usize; 4];
+    for (&score, &label) in scores.iter().zip(&labels) {
+        if let Some(t) = threshold {
+            let called = t.decide(score) == patchcore::Decision::Anomalous;
+            confusion[2 * usize::from(label) + usize::from(called)] += 1;
+        }
+    }
 
     let stats = model.stats();
     let entries: Vec<_> = test
@@ -495,6 +651,7 @@ fn eval(a: EvalArgs) -> Result<()> {
                 "kind": t.kind,
                 "label": if t.kind == "good" { 0 } else { 1 },
                 "score": json_f32(*s),
+                "decision": model.decide(*s),
             })
         })
         .collect();
@@ -510,6 +667,22 @@ fn eval(a: EvalArgs) -> Result<()> {
         "pixel_auroc": pixel.auroc,
         "pro": pixel.pro,
         "pixel_metrics_note": pixel.note,
+        "threshold": threshold.map(|t| json!({
+            "value": json_f32(t.value),
+            "method": t.method,
+            "description": t.describe(),
+            "set_by_this_run": a.set_threshold.is_some(),
+        })),
+        "decisions": threshold.map(|_| json!({
+            "true_negatives": confusion[0],
+            "false_positives": confusion[1],
+            "false_negatives": confusion[2],
+            "true_positives": confusion[3],
+        })),
+        "f1_max": f1_max.map(|(f1, t)| json!({ "f1": f1, "threshold": json_f32(t) })),
+        "roc_curve": roc_curve,
+        "pro_curve": pixel.pro_curve,
+        "peak_rss_bytes": measure::peak_rss_bytes(),
         "masks": format!("{:?}", a.masks),
         "bank_size": model.bank_size(),
         "images": kinds,
@@ -560,13 +733,41 @@ fn eval(a: EvalArgs) -> Result<()> {
     } else if let Some(note) = &pixel.note {
         println!("pixel metrics: {note}");
     }
+    match threshold {
+        Some(t) => println!(
+            "threshold {} ({}{}): {} of {} anomalous and {} of {} good images called anomalous",
+            t.value,
+            t.describe(),
+            if a.set_threshold.is_some() {
+                format!(", stored in {}", a.model.display())
+            } else {
+                String::new()
+            },
+            confusion[3],
+            confusion[2] + confusion[3],
+            confusion[1],
+            confusion[0] + confusion[1]
+        ),
+        None => println!(
+            "no threshold in the model: scores only (fit --false-alarm-rate or eval --set-threshold f1 stores one)"
+        ),
+    }
     println!("report written to {} ({written} overlays)", path.display());
     Ok(())
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
-    let model = PatchCore::load(&a.model, a.weights.as_deref())
+    let mut model = PatchCore::load(&a.model, a.weights.as_deref())
         .with_context(|| format!("cannot load the model {}", a.model.display()))?;
+    let source = match a.threshold {
+        Some(value) => {
+            model.set_threshold(Some(
+                Threshold::manual(value).context("invalid --threshold")?,
+            ));
+            "command line"
+        }
+        None => "model",
+    };
     let mut files = Vec::new();
     for input in &a.inputs {
         if input.is_dir() {
@@ -604,6 +805,7 @@ fn predict(a: PredictArgs) -> Result<()> {
             entries.push(json!({
                 "path": files[i],
                 "score": json_f32(score),
+                "decision": model.decide(score),
                 "width": image.width(),
                 "height": image.height(),
             }));
@@ -614,15 +816,39 @@ fn predict(a: PredictArgs) -> Result<()> {
     // Overlays of loose files are named by file name alone.
     let written = maps.write(&a.out.join("overlays"), Path::new("/"))?;
     let path = a.out.join("predictions.json");
+    let threshold = model.threshold();
     let doc = json!({
         "model": a.model,
+        "threshold": threshold.map(|t| json!({
+            "value": json_f32(t.value),
+            "method": t.method,
+            "description": t.describe(),
+            "source": source,
+        })),
         "predictions": entries,
         "overlays": written,
         "skipped": skipped_json(&skipped),
     });
     overlay::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    match threshold {
+        Some(t) => eprintln!(
+            "threshold {} from the {source} ({}): anomalous when the score is above it",
+            t.value,
+            t.describe()
+        ),
+        None => eprintln!(
+            "no threshold: the model stores none and --threshold was not given, so there are no decisions \
+             (fit --false-alarm-rate or eval --set-threshold f1 stores one)"
+        ),
+    }
+    // One line per image: score, decision ("no-threshold" without one), path.
     for e in &entries {
-        println!("{}\t{}", e["score"], e["path"].as_str().unwrap_or_default());
+        println!(
+            "{}\t{}\t{}",
+            e["score"],
+            e["decision"].as_str().unwrap_or("no-threshold"),
+            e["path"].as_str().unwrap_or_default()
+        );
     }
     eprintln!("predictions written to {}", path.display());
     Ok(())

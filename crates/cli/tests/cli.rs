@@ -34,6 +34,8 @@ fn bad_fit_arguments_are_named() {
         ("--coreset", "-1", "coreset ratio"),
         ("--k", "0", "invalid k = 0"),
         ("--batch-size", "0", "batch_size"),
+        ("--false-alarm-rate", "1.5", "calibration.false_alarm_rate"),
+        ("--false-alarm-rate", "0", "calibration.false_alarm_rate"),
     ] {
         let o = patchcore(
             &[
@@ -65,6 +67,40 @@ fn bad_fit_arguments_are_named() {
         root,
     );
     assert_clean_failure(&o, "no training images");
+    // A held-out share without a false-alarm rate is refused by the parser.
+    let o = patchcore(
+        &[
+            "fit",
+            "--data",
+            "data",
+            "--weights",
+            "w.pth",
+            "--out",
+            "m.pc",
+            "--holdout",
+            "0.3",
+        ],
+        root,
+    );
+    assert_clean_failure(&o, "--false-alarm-rate");
+    // A share that holds out nothing is named with the image count.
+    std::fs::write(root.join("data/train/good/only.png"), b"x").unwrap();
+    let o = patchcore(
+        &[
+            "fit",
+            "--data",
+            "data",
+            "--weights",
+            "w.pth",
+            "--out",
+            "m.pc",
+            "--false-alarm-rate",
+            "0.01",
+        ],
+        root,
+    );
+    assert_clean_failure(&o, "at least 1 of the 1 training images");
+    std::fs::remove_file(root.join("data/train/good/only.png")).unwrap();
     // Missing weights.
     let o = patchcore(
         &[
@@ -142,4 +178,226 @@ fn bad_model_files_are_named() {
     );
     assert_clean_failure(&o, "model.pc");
     assert!(!root.join("out/report.json").exists());
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn run_ok(args: &[&str], cwd: &Path) -> Output {
+    let o = patchcore(args, cwd);
+    assert!(o.status.success(), "{args:?} failed: {}", stderr(&o));
+    o
+}
+
+/// Thresholds end to end on real cells: calibrated at fit time from a held-out good image, chosen for F1 by
+/// `eval --set-threshold f1`, given with `predict --threshold`; `predict` reports score, decision and threshold.
+#[test]
+fn thresholds_are_calibrated_stored_and_reported() {
+    let Some(weights) = std::env::var_os("PATCHCORE_LITE0_WEIGHTS") else {
+        assert!(
+            std::env::var("PATCHCORE_REQUIRE_WEIGHTS").as_deref() != Ok("1"),
+            "PATCHCORE_REQUIRE_WEIGHTS=1 but PATCHCORE_LITE0_WEIGHTS is not set"
+        );
+        eprintln!("notice: PATCHCORE_LITE0_WEIGHTS is not set; skipping this test");
+        return;
+    };
+    let weights = weights.to_str().unwrap().to_string();
+    let cells = Path::new(env!("CARGO_MANIFEST_DIR")).join("../patchcore/tests/data");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for (from, to) in [
+        ("cell0004.png", "data/train/good/a.png"),
+        ("cell0009.png", "data/train/good/b.png"),
+        ("cell0060.png", "data/train/good/c.png"),
+        ("cell0011.png", "data/test/good/g.png"),
+        ("cell0001.png", "data/test/defect/d.png"),
+    ] {
+        std::fs::create_dir_all(root.join(to).parent().unwrap()).unwrap();
+        std::fs::copy(cells.join(from), root.join(to)).unwrap();
+    }
+    let o = run_ok(
+        &[
+            "fit",
+            "--data",
+            "data",
+            "--weights",
+            &weights,
+            "--out",
+            "m.pc",
+            "--coreset",
+            "1",
+            "--false-alarm-rate",
+            "0.5",
+            "--holdout",
+            "0.34",
+            "--report",
+            "fit.json",
+            "--quiet",
+        ],
+        root,
+    );
+    // ⌊0.34 · 3⌋ = 1 image held out: 2 in the bank, and a warning that one image cannot resolve 50%.
+    assert!(stdout(&o).contains("fitted on 2 images"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("threshold "), "{}", stdout(&o));
+    assert!(stderr(&o).contains("cannot resolve"), "{}", stderr(&o));
+    let fit: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("fit.json")).unwrap()).unwrap();
+    assert_eq!(fit["held_out_images"], 1);
+    assert_eq!(fit["threshold"]["method"]["name"], "false-alarm-rate");
+    assert_eq!(fit["threshold"]["method"]["held_out_above"], 0);
+    // 2 images × 784 patches × 1024 values × 4 bytes before the coreset.
+    assert_eq!(
+        fit["memory"]["bank_before_coreset_bytes"],
+        2 * 784 * 1024 * 4
+    );
+    assert!(fit["memory"]["weights_bytes"].as_u64().unwrap() > 1_000_000);
+
+    // predict: one line per image with score, decision and path; the threshold on stderr and in the JSON.
+    let o = run_ok(
+        &[
+            "predict",
+            "--model",
+            "m.pc",
+            "--out",
+            "p",
+            "--no-overlays",
+            "data/test/defect/d.png",
+        ],
+        root,
+    );
+    let line = stdout(&o);
+    let fields: Vec<&str> = line.trim_end().split('\t').collect();
+    assert_eq!(fields.len(), 3, "{line}");
+    assert!(["anomalous", "normal"].contains(&fields[1]), "{line}");
+    assert!(stderr(&o).contains("from the model"), "{}", stderr(&o));
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("p/predictions.json")).unwrap())
+            .unwrap();
+    assert_eq!(doc["threshold"]["source"], "model");
+    assert_eq!(doc["predictions"][0]["decision"], fields[1]);
+
+    // An explicit threshold overrides the model's: a huge one calls nothing anomalous.
+    let o = run_ok(
+        &[
+            "predict",
+            "--model",
+            "m.pc",
+            "--out",
+            "p",
+            "--no-overlays",
+            "--threshold",
+            "1e30",
+            "data/test/defect/d.png",
+        ],
+        root,
+    );
+    assert!(stdout(&o).contains("\tnormal\t"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("from the command line"),
+        "{}",
+        stderr(&o)
+    );
+    let o = patchcore(
+        &[
+            "predict",
+            "--model",
+            "m.pc",
+            "--out",
+            "p",
+            "--threshold",
+            "nan",
+            "data/test/defect/d.png",
+        ],
+        root,
+    );
+    assert_clean_failure(&o, "threshold");
+
+    // eval --set-threshold f1: one good and one defective image separate perfectly, so the stored threshold is
+    // the good image's score and the decisions are all right.
+    let o = run_ok(
+        &[
+            "eval",
+            "--model",
+            "m.pc",
+            "--data",
+            "data",
+            "--out",
+            "e",
+            "--overlays",
+            "0",
+            "--set-threshold",
+            "f1",
+            "--quiet",
+        ],
+        root,
+    );
+    assert!(stdout(&o).contains("F1-optimal"), "{}", stdout(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("e/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["image_auroc"], 1.0);
+    assert_eq!(report["f1_max"]["f1"], 1.0);
+    assert_eq!(report["threshold"]["method"]["name"], "f1-max");
+    assert_eq!(report["decisions"]["true_positives"], 1);
+    assert_eq!(report["decisions"]["true_negatives"], 1);
+    let good_score = report["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "good")
+        .unwrap()["score"]
+        .clone();
+    assert_eq!(report["threshold"]["value"], good_score);
+    assert_eq!(
+        report["roc_curve"],
+        serde_json::json!([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    );
+    let o = run_ok(
+        &[
+            "predict",
+            "--model",
+            "m.pc",
+            "--out",
+            "p",
+            "--no-overlays",
+            "data/test/defect",
+            "data/test/good",
+        ],
+        root,
+    );
+    let out = stdout(&o);
+    assert!(out.contains("\tanomalous\tdata/test/defect/d.png"), "{out}");
+    assert!(out.contains("\tnormal\tdata/test/good/g.png"), "{out}");
+
+    // A model without a threshold says so instead of inventing one.
+    run_ok(
+        &[
+            "fit",
+            "--data",
+            "data",
+            "--weights",
+            &weights,
+            "--out",
+            "plain.pc",
+            "--coreset",
+            "1",
+            "--quiet",
+        ],
+        root,
+    );
+    let o = run_ok(
+        &[
+            "predict",
+            "--model",
+            "plain.pc",
+            "--out",
+            "q",
+            "--no-overlays",
+            "data/test/good/g.png",
+        ],
+        root,
+    );
+    assert!(stdout(&o).contains("\tno-threshold\t"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("no threshold"), "{}", stderr(&o));
 }

@@ -36,6 +36,7 @@
 pub mod metrics;
 mod model;
 pub mod preprocess;
+mod threshold;
 
 use std::path::PathBuf;
 
@@ -54,6 +55,7 @@ pub use patchcore_patch::{EmbedConfig, PatchMaker};
 pub use patchcore_segmentation as segmentation;
 pub use patchcore_segmentation::{Border, GaussianBlur, SegmentationConfig, Upsample};
 pub use preprocess::{decode_image, load_image, MaskResample, PreprocessConfig, Resample};
+pub use threshold::{CalibrationConfig, Decision, HoldoutSplit, Threshold, ThresholdMethod};
 
 use serde::{Deserialize, Serialize};
 
@@ -343,6 +345,9 @@ pub enum Error {
         /// The hash of the given file.
         got: String,
     },
+    /// A metric or threshold could not be computed.
+    #[error(transparent)]
+    Metric(#[from] metrics::MetricError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

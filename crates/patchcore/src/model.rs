@@ -16,10 +16,12 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::threshold::{CalibrationConfig, Decision, Threshold};
 use crate::{DeviceSpec, Error, PatchCoreConfig, Scoring};
 
-/// The newest model-file format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest model-file format version this build writes and reads. Version 2 added the optional `threshold`
+/// header field; version 1 files, which never have one, still load (without a threshold).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What [`PatchCore::fit`] reports while it works.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -84,6 +86,7 @@ pub struct PatchCore {
     device: Device,
     weights_sha256: String,
     stats: FitStats,
+    threshold: Option<Threshold>,
 }
 
 fn device(spec: DeviceSpec) -> Result<Device, Error> {
@@ -191,6 +194,7 @@ impl Parts {
             device: self.device,
             weights_sha256: self.weights_sha256,
             stats,
+            threshold: None,
         }
     }
 }
@@ -351,6 +355,53 @@ impl PatchCore {
         &self.weights_sha256
     }
 
+    /// The decision threshold stored with the model, if one was calibrated or set.
+    pub fn threshold(&self) -> Option<&Threshold> {
+        self.threshold.as_ref()
+    }
+
+    /// Replaces the decision threshold (`None` removes it); [`PatchCore::save`] stores it.
+    pub fn set_threshold(&mut self, threshold: Option<Threshold>) {
+        self.threshold = threshold;
+    }
+
+    /// The decision for an image score under the stored threshold, or `None` when the model has none.
+    pub fn decide(&self, score: f32) -> Option<Decision> {
+        self.threshold.as_ref().map(|t| t.decide(score))
+    }
+
+    /// Calibrates and stores a threshold from good images that were held out of the memory bank (see
+    /// [`CalibrationConfig::split`]): they are scored `batch_size` at a time, and the threshold is the
+    /// [`crate::metrics::false_alarm_threshold`] of their image scores at `config.false_alarm_rate`. Returns their
+    /// scores in the given order.
+    ///
+    /// # Errors
+    /// An invalid configuration, an unreadable image, no images, or a failure in any stage.
+    pub fn calibrate<I>(
+        &mut self,
+        config: &CalibrationConfig,
+        held_out: I,
+    ) -> Result<Vec<f32>, Error>
+    where
+        I: IntoIterator<Item = Result<DynamicImage, Error>>,
+    {
+        config.validate()?;
+        let mut scores = Vec::new();
+        let mut pending = Vec::with_capacity(self.config.batch_size);
+        for image in held_out {
+            pending.push(image?);
+            if pending.len() == self.config.batch_size {
+                scores.extend(self.predict(&pending)?.image_scores);
+                pending.clear();
+            }
+        }
+        if !pending.is_empty() {
+            scores.extend(self.predict(&pending)?.image_scores);
+        }
+        self.threshold = Some(Threshold::from_held_out(config, &scores)?);
+        Ok(scores)
+    }
+
     /// Scores a batch of decoded images. Batches larger than the configured `batch_size` are processed in chunks.
     ///
     /// # Errors
@@ -422,8 +473,8 @@ impl PatchCore {
     /// once it is complete, so an interrupted save never leaves a partial model behind.
     ///
     /// The file is a safetensors container: the index's own serialisation as a byte tensor `index`, and in the
-    /// header the format version, the configuration, the weights' SHA-256, the fit statistics and the index's
-    /// SHA-256.
+    /// header the format version, the configuration, the weights' SHA-256, the fit statistics, the index's
+    /// SHA-256 and, if the model has one, the decision threshold with how it was chosen.
     ///
     /// # Errors
     /// [`Error::Io`] naming the file.
@@ -439,6 +490,9 @@ impl PatchCore {
         meta.insert("bank_size".to_string(), self.index.len().to_string());
         meta.insert("dim".to_string(), self.index.dim().to_string());
         meta.insert("index_sha256".to_string(), sha256_hex(&payload));
+        if let Some(threshold) = &self.threshold {
+            meta.insert("threshold".to_string(), json(threshold));
+        }
         meta.insert(
             "writer".to_string(),
             format!("patchcore {}", env!("CARGO_PKG_VERSION")),
@@ -491,7 +545,9 @@ impl PatchCore {
             });
         }
         let parts = Parts::with_weights_sha256(&config, got)?;
-        Ok(parts.into_model(config, file.index, file.stats))
+        let mut model = parts.into_model(config, file.index, file.stats);
+        model.threshold = file.threshold;
+        Ok(model)
     }
 }
 
@@ -508,6 +564,8 @@ pub struct ModelFile {
     pub weights_sha256: String,
     /// The memory bank's search index.
     pub index: Box<dyn KnnIndex>,
+    /// The decision threshold, if one was stored (format version 2 and later).
+    pub threshold: Option<Threshold>,
 }
 
 impl ModelFile {
@@ -561,6 +619,16 @@ impl ModelFile {
         config.validate()?;
         let stats: FitStats = serde_json::from_str(&field("stats")?)
             .map_err(|e| bad(format!("invalid `stats`: {e}")))?;
+        let threshold = match meta.get("threshold") {
+            None => None,
+            Some(text) => {
+                let t: Threshold = serde_json::from_str(text)
+                    .map_err(|e| bad(format!("invalid `threshold`: {e}")))?;
+                t.check()
+                    .map_err(|e| bad(format!("invalid `threshold`: {e}")))?;
+                Some(t)
+            }
+        };
         let tensors = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| bad(format!("truncated or corrupt tensor data ({e})")))?;
         let payload = tensors
@@ -598,6 +666,7 @@ impl ModelFile {
             stats,
             weights_sha256: field("weights_sha256")?,
             index,
+            threshold,
         })
     }
 }

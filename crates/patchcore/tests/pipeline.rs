@@ -358,6 +358,25 @@ fn inconsistent_model_files_are_rejected() {
         matches!(e, Error::UnsupportedVersion { found: 99, .. }),
         "{e}"
     );
+    // A version-1 file (written before thresholds existed) still loads, without a threshold.
+    let v1 = rewrite("v1.patchcore", &|m| {
+        m.insert("format_version".into(), "1".into());
+    });
+    let loaded = PatchCore::load(&v1, None).unwrap();
+    assert_eq!(loaded.threshold(), None);
+    assert_eq!(loaded.decide(1.0), None);
+    // A threshold that does not parse is named.
+    let bad_threshold = rewrite("threshold.patchcore", &|m| {
+        m.insert(
+            "threshold".into(),
+            r#"{"value":"high","method":{"name":"manual"}}"#.into(),
+        );
+    });
+    let e = PatchCore::load(&bad_threshold, None).unwrap_err();
+    assert!(
+        matches!(e, Error::ModelFile { .. }) && e.to_string().contains("invalid `threshold`"),
+        "{e}"
+    );
     let corrupt = rewrite("corrupt.patchcore", &|m| {
         m.insert("index_sha256".into(), "00".repeat(32));
     });
@@ -372,4 +391,60 @@ fn inconsistent_model_files_are_rejected() {
     let e = model.save(&missing).unwrap_err();
     assert!(e.to_string().contains("no/such/folder"), "{e}");
     assert!(!missing.exists());
+}
+
+/// Calibration on held-out good images stores the (1 − rate) quantile of their scores; it survives save → load, and
+/// the fit without calibration is unchanged (the bank is built from the images it is given, nothing else).
+#[test]
+fn calibrated_threshold_is_stored_and_reloaded() {
+    let Some(weights) = weights() else { return };
+    let mut config = PatchCoreConfig::lite0(&weights);
+    config.sampler = Sampler::KeepAll;
+    let images: Vec<_> = TRAIN
+        .iter()
+        .map(|n| load_image(&data(n)).unwrap())
+        .collect();
+    let calibration = patchcore::CalibrationConfig {
+        holdout_fraction: 0.34,
+        false_alarm_rate: 0.5,
+        seed: 0,
+    };
+    // ⌊0.34 · 3⌋ = 1 image is held out.
+    let split = calibration.split(images.len()).unwrap();
+    assert_eq!(split.held_out.len(), 1);
+    let train = split.train.iter().map(|&i| Ok(images[i].clone()));
+    let mut model = PatchCore::fit(config, train, &mut |_| {}).unwrap();
+    assert_eq!(model.stats().images, 2);
+    assert_eq!(model.bank_size(), 2 * 784);
+    assert!(model.threshold().is_none());
+    let held: Vec<_> = split.held_out.iter().map(|&i| images[i].clone()).collect();
+    let scores = model
+        .calibrate(&calibration, held.iter().cloned().map(Ok))
+        .unwrap();
+    // One held-out score and ⌊0.5 · 1⌋ = 0 allowed above: the threshold is that score, which is normal.
+    let own = model.predict(&held).unwrap().image_scores;
+    assert_eq!(scores, own);
+    let threshold = model.threshold().unwrap().clone();
+    assert_eq!(threshold.value, own[0]);
+    assert_eq!(model.decide(own[0]), Some(patchcore::Decision::Normal));
+    assert_eq!(
+        model.decide(own[0] * 1.01),
+        Some(patchcore::Decision::Anomalous)
+    );
+    assert!(!calibration.resolves_rate(1));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.patchcore");
+    model.save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let file = patchcore::ModelFile::from_bytes(&bytes, &path).unwrap();
+    assert_eq!(file.format_version, patchcore::FORMAT_VERSION);
+    assert_eq!(file.threshold.as_ref(), Some(&threshold));
+    let loaded = PatchCore::load(&path, None).unwrap();
+    assert_eq!(loaded.threshold(), Some(&threshold));
+    // No held-out images is an error, not a threshold.
+    let e = model
+        .calibrate(&calibration, std::iter::empty())
+        .unwrap_err();
+    assert!(e.to_string().contains("no scores"), "{e}");
 }
