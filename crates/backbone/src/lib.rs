@@ -53,6 +53,8 @@ pub mod efficientnet;
 mod error;
 pub mod ops;
 pub mod pth;
+pub mod resnet;
+mod weights;
 
 use std::fmt;
 use std::io::Read;
@@ -66,6 +68,7 @@ use sha2::{Digest, Sha256};
 pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 pub use error::{BackboneError, Result};
 pub use pth::read_state_dict;
+pub use resnet::{ResNet, ResNetConfig};
 
 /// The supported backbone architectures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -85,11 +88,55 @@ pub enum Arch {
     /// EfficientNet-Lite4 (300 px).
     #[serde(rename = "efficientnet-lite4")]
     EfficientNetLite4,
+    /// torchvision's ResNet-18.
+    #[serde(rename = "resnet18")]
+    ResNet18,
+    /// torchvision's ResNet-34.
+    #[serde(rename = "resnet34")]
+    ResNet34,
+    /// torchvision's ResNet-50.
+    #[serde(rename = "resnet50")]
+    ResNet50,
+    /// torchvision's ResNet-101.
+    #[serde(rename = "resnet101")]
+    ResNet101,
+    /// torchvision's ResNet-152.
+    #[serde(rename = "resnet152")]
+    ResNet152,
+    /// torchvision's WideResNet-50-2: PatchCore's default backbone.
+    #[serde(rename = "wide_resnet50_2")]
+    WideResNet50_2,
+    /// torchvision's WideResNet-101-2.
+    #[serde(rename = "wide_resnet101_2")]
+    WideResNet101_2,
+}
+
+/// The architecture family, which decides the model code and the preprocessing constants.
+#[derive(Debug, Clone, PartialEq)]
+enum Family {
+    EfficientNetLite(EfficientNetLiteConfig),
+    ResNet(ResNetConfig),
 }
 
 impl Arch {
     /// Every architecture, in order.
-    pub const ALL: [Arch; 5] = [
+    pub const ALL: [Arch; 12] = [
+        Arch::EfficientNetLite0,
+        Arch::EfficientNetLite1,
+        Arch::EfficientNetLite2,
+        Arch::EfficientNetLite3,
+        Arch::EfficientNetLite4,
+        Arch::ResNet18,
+        Arch::ResNet34,
+        Arch::ResNet50,
+        Arch::ResNet101,
+        Arch::ResNet152,
+        Arch::WideResNet50_2,
+        Arch::WideResNet101_2,
+    ];
+
+    /// The EfficientNet-Lite architectures.
+    pub const EFFICIENTNET_LITE: [Arch; 5] = [
         Arch::EfficientNetLite0,
         Arch::EfficientNetLite1,
         Arch::EfficientNetLite2,
@@ -97,7 +144,21 @@ impl Arch {
         Arch::EfficientNetLite4,
     ];
 
+    /// The ResNet and WideResNet architectures.
+    pub const RESNETS: [Arch; 7] = [
+        Arch::ResNet18,
+        Arch::ResNet34,
+        Arch::ResNet50,
+        Arch::ResNet101,
+        Arch::ResNet152,
+        Arch::WideResNet50_2,
+        Arch::WideResNet101_2,
+    ];
+
     /// The canonical name, as used by serde, [`fmt::Display`] and [`FromStr`].
+    ///
+    /// The ResNets are named as in torchvision (`resnet50`, `wide_resnet50_2`), the Lite models
+    /// as in their PyTorch package (`efficientnet-lite0`).
     pub fn name(&self) -> &'static str {
         match self {
             Arch::EfficientNetLite0 => "efficientnet-lite0",
@@ -105,36 +166,75 @@ impl Arch {
             Arch::EfficientNetLite2 => "efficientnet-lite2",
             Arch::EfficientNetLite3 => "efficientnet-lite3",
             Arch::EfficientNetLite4 => "efficientnet-lite4",
+            Arch::ResNet18 => "resnet18",
+            Arch::ResNet34 => "resnet34",
+            Arch::ResNet50 => "resnet50",
+            Arch::ResNet101 => "resnet101",
+            Arch::ResNet152 => "resnet152",
+            Arch::WideResNet50_2 => "wide_resnet50_2",
+            Arch::WideResNet101_2 => "wide_resnet101_2",
+        }
+    }
+
+    /// The model configuration behind the architecture.
+    fn family(&self) -> Family {
+        match (
+            EfficientNetLiteConfig::for_arch(*self),
+            ResNetConfig::for_arch(*self),
+        ) {
+            (Some(c), _) => Family::EfficientNetLite(c),
+            (None, Some(c)) => Family::ResNet(c),
+            // Every architecture belongs to one of the two families (checked by a unit test);
+            // this arm is never taken.
+            (None, None) => Family::EfficientNetLite(EfficientNetLiteConfig::lite0()),
         }
     }
 
     /// The taps PatchCore uses by default: the ends of the stride-8 and stride-16 stages.
     ///
-    /// For every Lite model these are the last blocks of stages 2 and 4, which for Lite0 are
+    /// For the ResNets these are `["layer2", "layer3"]`, as in the original. For every Lite model
+    /// they are the last blocks of stages 2 and 4, which for Lite0 are
     /// `["_blocks.4", "_blocks.10"]`.
     pub fn default_taps(&self) -> Vec<String> {
-        EfficientNetLiteConfig::for_arch(*self).default_taps()
+        match self.family() {
+            Family::EfficientNetLite(c) => c.default_taps(),
+            Family::ResNet(c) => c.default_taps(),
+        }
     }
 
     /// Every tap name the architecture accepts.
     pub fn valid_taps(&self) -> Vec<String> {
-        EfficientNetLiteConfig::for_arch(*self).tap_names()
+        match self.family() {
+            Family::EfficientNetLite(c) => c.tap_names(),
+            Family::ResNet(c) => c.tap_names(),
+        }
     }
 
     /// The input normalisation the pretrained weights expect.
     ///
-    /// The Lite models take `(x − 127/255) / (128/255)` on every channel of an image in [0, 1],
-    /// that is `(u8 − 127) / 128`.
+    /// The ResNets take ImageNet's mean (0.485, 0.456, 0.406) and standard deviation
+    /// (0.229, 0.224, 0.225), as torchvision's and timm's `tv_in1k` weights do. The Lite models
+    /// take `(x − 127/255) / (128/255)` on every channel of an image in [0, 1], that is
+    /// `(u8 − 127) / 128`.
     pub fn normalization(&self) -> Normalization {
-        Normalization {
-            mean: [127.0 / 255.0; 3],
-            std: [128.0 / 255.0; 3],
+        match self.family() {
+            Family::EfficientNetLite(_) => Normalization {
+                mean: [127.0 / 255.0; 3],
+                std: [128.0 / 255.0; 3],
+            },
+            Family::ResNet(_) => Normalization {
+                mean: [0.485, 0.456, 0.406],
+                std: [0.229, 0.224, 0.225],
+            },
         }
     }
 
     /// The input resolution the model was trained at (square).
     pub fn native_input_size(&self) -> usize {
-        EfficientNetLiteConfig::for_arch(*self).image_size
+        match self.family() {
+            Family::EfficientNetLite(c) => c.image_size,
+            Family::ResNet(_) => 224,
+        }
     }
 }
 
@@ -147,12 +247,13 @@ impl fmt::Display for Arch {
 impl FromStr for Arch {
     type Err = BackboneError;
 
-    /// Parses a canonical name, ignoring case and accepting `_` for `-`.
+    /// Parses a canonical name, ignoring case and treating `_` and `-` alike.
     fn from_str(s: &str) -> Result<Self> {
-        let wanted = s.trim().to_ascii_lowercase().replace('_', "-");
+        let fold = |n: &str| n.trim().to_ascii_lowercase().replace('_', "-");
+        let wanted = fold(s);
         Arch::ALL
             .into_iter()
-            .find(|a| a.name() == wanted)
+            .find(|a| fold(a.name()) == wanted)
             .ok_or_else(|| BackboneError::UnknownArch {
                 name: s.to_string(),
                 valid: Arch::ALL.iter().map(|a| a.name().to_string()).collect(),
@@ -214,9 +315,12 @@ pub fn load(
     taps: &[String],
     device: &Device,
 ) -> Result<Box<dyn FeatureExtractor>> {
-    Ok(Box::new(EfficientNetLite::load(
-        arch, weights, taps, device,
-    )?))
+    Ok(match arch.family() {
+        Family::EfficientNetLite(_) => {
+            Box::new(EfficientNetLite::load(arch, weights, taps, device)?)
+        }
+        Family::ResNet(_) => Box::new(ResNet::load(arch, weights, taps, device)?),
+    })
 }
 
 /// The SHA-256 of a file as lowercase hex, used to identify weights.
@@ -259,8 +363,20 @@ mod tests {
             "EfficientNet_Lite3".parse::<Arch>().ok(),
             Some(Arch::EfficientNetLite3)
         );
-        let err = "resnet18".parse::<Arch>().err().map(|e| e.to_string());
-        assert!(err.is_some_and(|e| e.contains("efficientnet-lite0") && e.contains("resnet18")));
+        assert_eq!(
+            "wide-resnet50-2".parse::<Arch>().ok(),
+            Some(Arch::WideResNet50_2)
+        );
+        assert_eq!("ResNet18".parse::<Arch>().ok(), Some(Arch::ResNet18));
+        let err = "resnet19".parse::<Arch>().err().map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("wide_resnet50_2") && e.contains("resnet19")));
+        for a in Arch::ALL {
+            let lite = EfficientNetLiteConfig::for_arch(a).is_some();
+            let resnet = ResNetConfig::for_arch(a).is_some();
+            assert!(lite != resnet, "{a} must belong to exactly one family");
+            assert_eq!(lite, Arch::EFFICIENTNET_LITE.contains(&a));
+            assert_eq!(resnet, Arch::RESNETS.contains(&a));
+        }
     }
 
     #[test]
@@ -272,5 +388,11 @@ mod tests {
         let n = a.normalization();
         assert_eq!(n.mean, [127.0 / 255.0; 3]);
         assert_eq!(n.std, [128.0 / 255.0; 3]);
+        let w = Arch::WideResNet50_2;
+        assert_eq!(w.default_taps(), vec!["layer2", "layer3"]);
+        assert_eq!(w.valid_taps(), vec!["layer1", "layer2", "layer3", "layer4"]);
+        assert_eq!(w.native_input_size(), 224);
+        assert_eq!(w.normalization().mean, [0.485, 0.456, 0.406]);
+        assert_eq!(w.normalization().std, [0.229, 0.224, 0.225]);
     }
 }
