@@ -1,9 +1,12 @@
 //! CNN feature extractors for PatchCore, on candle, loading PyTorch checkpoints directly.
 //!
-//! The crate provides EfficientNet-Lite0 … Lite4 ([`efficientnet`]) as *tapped* feature
-//! extractors: the caller names intermediate layers by their state-dict module path (for example
+//! The crate provides torchvision's ResNet-18/34/50/101/152 and WideResNet-50-2/101-2
+//! ([`resnet`]; WideResNet-50-2 with taps `layer2` + `layer3` is PatchCore's default) and
+//! EfficientNet-Lite0 … Lite4 ([`efficientnet`]) as *tapped* feature extractors: the caller names
+//! intermediate layers by their state-dict module path (for example `layer2` and `layer3`, or
 //! `_blocks.4` and `_blocks.10`) and gets one feature map per tap. Weights come straight from the
-//! PyTorch checkpoints the reference models ship with ([`pth`]), so no conversion step is needed.
+//! PyTorch checkpoints the reference models ship with, or from safetensors copies of them
+//! ([`pth`]), so no conversion step is needed.
 //!
 //! ```no_run
 //! use candle_core::{Device, Tensor};
@@ -25,11 +28,13 @@
 //!   unpickled with candle's public pickle machinery; locating storages, applying storage
 //!   offsets and strides and handling shared storages is done here. Every failure on user input
 //!   is a [`BackboneError`] naming the file; nothing panics on a malformed file.
-//! * **Model.** The architecture mirrors the PyPI package `efficientnet-lite-pytorch`, with
-//!   parameter names equal to its state-dict keys. Only the layers up to the deepest requested
+//! * **Model.** The ResNets mirror `torchvision.models.resnet` (timm's `tv_in1k` weights use the
+//!   same keys), the Lite models the PyPI package `efficientnet-lite-pytorch`, with parameter
+//!   names equal to their state-dict keys. Only the layers up to the deepest requested
 //!   tap are built, so only their weights are read from the checkpoint and nothing past the tap
-//!   is computed. Batch norm runs in inference mode and is folded into the preceding
-//!   convolution's weight and bias when the model is built (the folding is computed in f64).
+//!   is computed. Batch norm runs in inference mode (epsilon 1e-5 for the ResNets, 1e-3 for the
+//!   Lite models) and is folded into the preceding convolution's weight and bias when the model
+//!   is built (the folding is computed in f64).
 //! * **Padding.** The reference pads like TensorFlow's "same", computed statically for the
 //!   native input size. Here the same formula is evaluated for the actual input size at every
 //!   call, which equals the static padding at the native size and stays correct elsewhere.
@@ -38,7 +43,8 @@
 //!   parallel over batch × channel (rayon), handles stride and asymmetric padding, and splits
 //!   strided rows into column phases so that its inner loop is contiguous. Dense and 1 × 1
 //!   convolutions run as [`ops::Conv2dGemm`], one `gemm` product per image that accumulates into
-//!   the bias and applies ReLU6 in place. On other devices every op falls back to candle's own
+//!   the bias and applies the activation in place; the `gemm` crate is built with its AVX-512
+//!   kernels (`x86-v4`), chosen at run time where the processor has them. On other devices every op falls back to candle's own
 //!   convolutions. On the CPU a large batch is run in sub-batches whose biggest activation stays
 //!   under 16 MiB, because buffers beyond that come from fresh pages whose first-touch faults
 //!   cost more than batching gains.

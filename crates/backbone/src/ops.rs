@@ -265,6 +265,58 @@ fn apply_gemm_conv(
     )
 }
 
+/// `relu(a + b)` for two tensors of the same shape: the end of a residual block.
+///
+/// F32 tensors on the CPU use [`AddRelu`], one pass parallel over rayon's threads; anything else
+/// goes through candle's own operations. The CPU kernel exists because candle's element-wise
+/// operations run on a separate thread pool whose workers spin after each operation, taking
+/// processor time from the convolutions that follow.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if use_cpu_kernels(&[a, b]) {
+        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddRelu)
+    } else {
+        (a + b)?.relu()
+    }
+}
+
+/// The CPU kernel of [`add_relu`], as a candle custom op on two contiguous f32 tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct AddRelu;
+
+impl candle_core::CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "add-relu: shapes {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let a = contiguous_f32(s1, l1, "first operand")?;
+        let b = contiguous_f32(s2, l2, "second operand")?;
+        let mut out = vec![0f32; a.len()];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (x, y))| {
+                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                    *o = (x + y).max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 /// A depthwise convolution with "same" padding, bias and optional ReLU6.
 ///
 /// `x` is (B, C, H, W), `weight` (C, 1, k, k) and `bias` (C). F32 tensors on the CPU use the
@@ -343,7 +395,7 @@ fn contiguous_f32<'a>(
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("depthwise conv: the {what} must be contiguous"),
+        None => candle_core::bail!("custom op: the {what} must be contiguous"),
     }
 }
 

@@ -357,7 +357,7 @@ impl ResBlock {
             Some(d) => d.forward(x)?,
             None => x.clone(),
         };
-        (h + shortcut)?.relu()
+        ops::add_relu(&h, &shortcut)
     }
 }
 
@@ -473,6 +473,49 @@ impl ResNet {
                 dtype: x.dtype(),
             });
         }
+        let batch = dims[0];
+        let chunk = if x.device().is_cpu() {
+            let per_image = self.peak_scratch_bytes(dims[2], dims[3]);
+            (CPU_CHUNK_BYTES / per_image.max(1)).clamp(1, batch)
+        } else {
+            batch
+        };
+        if chunk >= batch {
+            return self.forward_chunk(x);
+        }
+        // Run sub-batches and concatenate each tap along the batch dimension.
+        let mut per_tap: Vec<Vec<Tensor>> = vec![Vec::new(); self.taps.len()];
+        let mut start = 0;
+        while start < batch {
+            let len = chunk.min(batch - start);
+            let outs = self.forward_chunk(&x.narrow(0, start, len)?)?;
+            for (acc, t) in per_tap.iter_mut().zip(outs) {
+                acc.push(t);
+            }
+            start += len;
+        }
+        per_tap
+            .iter()
+            .map(|parts| Ok(Tensor::cat(parts, 0)?))
+            .collect()
+    }
+
+    /// The largest unfolded (im2col) matrix of one image in bytes: the stem's or `layer1`'s 3 × 3
+    /// convolution's, whichever is larger; deeper stages have fewer pixels per channel.
+    fn peak_scratch_bytes(&self, h: usize, w: usize) -> usize {
+        let (h2, w2) = (h.div_ceil(2), w.div_ceil(2));
+        let (h4, w4) = (h2.div_ceil(2), w2.div_ceil(2));
+        let width = self
+            .config
+            .stage_blocks(0)
+            .first()
+            .map(|b| b.width)
+            .unwrap_or(64);
+        4 * (3 * 7 * 7 * h2 * w2).max(width * 9 * h4 * w4)
+    }
+
+    /// Runs one (sub-)batch through the network.
+    fn forward_chunk(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let mut outputs: Vec<Option<Tensor>> = vec![None; self.tap_infos.len()];
         let mut h = self.stem.forward(x)?;
         h = max_pool_3x3_s2(&h)?;
@@ -499,6 +542,12 @@ impl ResNet {
             .collect()
     }
 }
+
+/// On the CPU, a batch is split into sub-batches whose largest unfolded convolution input stays
+/// below this many bytes. Larger buffers are served by the allocator as fresh pages from the
+/// kernel, and the page faults on first touch then cost more than batching gains (the
+/// convolutions already parallelise within one image).
+const CPU_CHUNK_BYTES: usize = 16 << 20;
 
 /// Max pooling with a 3 × 3 window, stride 2 and padding 1, as `nn.MaxPool2d(3, 2, 1)`.
 ///
