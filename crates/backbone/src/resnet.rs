@@ -646,7 +646,7 @@ mod tests {
         let cfg = ResNetConfig::for_arch(Arch::ResNet18).unwrap();
         let l1 = cfg.stage_blocks(0);
         assert!(!l1[0].downsample);
-        assert_eq!(cfg.stage_blocks(1)[0].downsample, true);
+        assert!(cfg.stage_blocks(1)[0].downsample);
         assert_eq!(cfg.stage_channels(3), 512);
         let params: usize = cfg
             .weight_shapes(4)
