@@ -34,12 +34,32 @@ pub struct Backbone {
     pub weights: fn(&Path) -> Result<PathBuf>,
 }
 
+/// A ResNet-family backbone whose preset and torchvision checkpoint share its name.
+macro_rules! torchvision_backbone {
+    ($name:literal) => {
+        Backbone {
+            name: $name,
+            preset: $name,
+            weights: |cache| crate::torchvision::fetch_model(cache, $name),
+        }
+    };
+}
+
 /// Every backbone the bench knows; a new preset is one line here.
-pub const BACKBONES: &[Backbone] = &[Backbone {
-    name: "lite0",
-    preset: "lite0",
-    weights: weights::fetch_lite0,
-}];
+pub const BACKBONES: &[Backbone] = &[
+    Backbone {
+        name: "lite0",
+        preset: "lite0",
+        weights: weights::fetch_lite0,
+    },
+    torchvision_backbone!("wide_resnet50_2"),
+    torchvision_backbone!("wide_resnet101_2"),
+    torchvision_backbone!("resnet18"),
+    torchvision_backbone!("resnet34"),
+    torchvision_backbone!("resnet50"),
+    torchvision_backbone!("resnet101"),
+    torchvision_backbone!("resnet152"),
+];
 
 /// Every nearest-neighbour backend the bench knows, with the extra `patchcore fit` arguments that select it
 /// (exact search is every preset's default, so it needs none); a new backend is one line here.
@@ -981,6 +1001,20 @@ mod tests {
     #[test]
     fn names_map_in_one_place_and_unknown_ones_are_errors() {
         assert_eq!(lookup_backbone("lite0").unwrap().preset, "lite0");
+        assert_eq!(
+            lookup_backbone("wide_resnet50_2").unwrap().preset,
+            "wide_resnet50_2"
+        );
+        // Every ResNet-family backbone has a torchvision checkpoint to fetch.
+        for backbone in BACKBONES.iter().filter(|b| b.name != "lite0") {
+            assert!(
+                crate::torchvision::MODELS
+                    .iter()
+                    .any(|(model, _)| *model == backbone.name),
+                "{}",
+                backbone.name
+            );
+        }
         let e = lookup_backbone("resnet9000").unwrap_err().to_string();
         assert!(
             e.contains("unknown backbone `resnet9000`") && e.contains("lite0"),

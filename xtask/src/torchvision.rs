@@ -56,6 +56,20 @@ pub fn command(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Makes sure the checkpoint of `model` (a name in [`MODELS`]) is in the cache, downloading it
+/// from torchvision (or the mirror in `PATCHCORE_WEIGHTS_URL_BASE`) if needed, and returns its
+/// path.
+pub fn fetch_model(cache: &Path, model: &str) -> Result<PathBuf> {
+    let Some(&(_, file_name)) = MODELS.iter().find(|(name, _)| *name == model) else {
+        bail!("no torchvision checkpoint is known for `{model}`");
+    };
+    let base = std::env::var(URL_BASE_ENV)
+        .ok()
+        .filter(|base| !base.is_empty())
+        .unwrap_or_else(|| URL_BASE.to_owned());
+    fetch(cache, file_name, &base, &Downloader::default())
+}
+
 /// Makes sure the checkpoint `file_name` is in `<cache>/weights/`, downloaded
 /// from `<base>/<file_name>` and checked against the sha256 prefix its name
 /// carries, and returns its path.

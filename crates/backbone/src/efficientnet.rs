@@ -28,6 +28,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{BackboneError, Result};
 use crate::ops;
+use crate::weights::Weights;
 use crate::{Arch, FeatureExtractor};
 
 /// The block arguments of one stage, before width and depth scaling.
@@ -176,15 +177,22 @@ impl EfficientNetLiteConfig {
         Self::lite(Arch::EfficientNetLite4, 1.4, 1.8, 300)
     }
 
-    /// The preset of an architecture.
-    pub fn for_arch(arch: Arch) -> Self {
-        match arch {
+    /// The preset of an architecture, or `None` when it is not an EfficientNet-Lite.
+    pub fn for_arch(arch: Arch) -> Option<Self> {
+        Some(match arch {
             Arch::EfficientNetLite0 => Self::lite0(),
             Arch::EfficientNetLite1 => Self::lite1(),
             Arch::EfficientNetLite2 => Self::lite2(),
             Arch::EfficientNetLite3 => Self::lite3(),
             Arch::EfficientNetLite4 => Self::lite4(),
-        }
+            Arch::ResNet18
+            | Arch::ResNet34
+            | Arch::ResNet50
+            | Arch::ResNet101
+            | Arch::ResNet152
+            | Arch::WideResNet50_2
+            | Arch::WideResNet101_2 => return None,
+        })
     }
 
     /// Every MBConv block in order, with scaled channels and repeats, as the reference builds
@@ -341,26 +349,14 @@ impl ConvBn {
         eps: f64,
     ) -> Result<Self> {
         let per_group_in = if kind == ConvKind::Depthwise { 1 } else { c_in };
-        let weight = w.get(&format!("{conv}.weight"), &[c_out, per_group_in, k, k])?;
-        let gamma = w.get(&format!("{bn}.weight"), &[c_out])?;
-        let beta = w.get(&format!("{bn}.bias"), &[c_out])?;
-        let mean = w.get(&format!("{bn}.running_mean"), &[c_out])?;
-        let var = w.get(&format!("{bn}.running_var"), &[c_out])?;
-        // The folding is computed in f64 and rounded once to f32.
-        let scale = (gamma.to_dtype(DType::F64)? / (var.to_dtype(DType::F64)? + eps)?.sqrt()?)?;
-        let weight = weight
-            .to_dtype(DType::F64)?
-            .broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?
-            .to_dtype(DType::F32)?;
-        let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * scale)?)?
-            .to_dtype(DType::F32)?;
+        let (weight, bias) = w.conv_bn(conv, bn, &[c_out, per_group_in, k, k], eps)?;
         let weight = match kind {
             ConvKind::Pointwise => weight.reshape((c_out, c_in))?,
             _ => weight,
         };
         Ok(Self {
-            weight: weight.to_device(w.device)?,
-            bias: bias.to_device(w.device)?,
+            weight,
+            bias,
             kind,
             stride,
             relu6,
@@ -470,36 +466,6 @@ impl candle_nn::Module for MBConvBlock {
     }
 }
 
-/// A state dict being consumed by a model under construction.
-struct Weights<'a> {
-    path: &'a Path,
-    tensors: HashMap<String, Tensor>,
-    device: &'a Device,
-}
-
-impl Weights<'_> {
-    /// Fetches a weight as f32 on the CPU, checking its shape.
-    fn get(&mut self, key: &str, expected: &[usize]) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .get(key)
-            .ok_or_else(|| BackboneError::MissingWeight {
-                path: self.path.to_path_buf(),
-                key: key.to_string(),
-                expected: expected.to_vec(),
-            })?;
-        if t.dims() != expected {
-            return Err(BackboneError::ShapeMismatch {
-                path: self.path.to_path_buf(),
-                key: key.to_string(),
-                expected: expected.to_vec(),
-                got: t.dims().to_vec(),
-            });
-        }
-        Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
-    }
-}
-
 /// EfficientNet-Lite truncated after its deepest requested tap.
 ///
 /// Only the stem and the blocks up to the deepest tap are built, and only their weights are
@@ -581,7 +547,14 @@ impl EfficientNetLite {
     /// Any error of [`crate::pth::read_state_dict`] or [`EfficientNetLite::from_state_dict`].
     pub fn load(arch: Arch, weights: &Path, taps: &[String], device: &Device) -> Result<Self> {
         // Tap errors are reported before the (slower) checkpoint read.
-        let config = EfficientNetLiteConfig::for_arch(arch);
+        let config =
+            EfficientNetLiteConfig::for_arch(arch).ok_or_else(|| BackboneError::UnknownArch {
+                name: arch.to_string(),
+                valid: Arch::EFFICIENTNET_LITE
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
+            })?;
         resolve_taps(&config, taps)?;
         let tensors = crate::pth::read_state_dict(weights, &Device::Cpu)?
             .into_iter()

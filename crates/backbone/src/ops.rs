@@ -51,6 +51,67 @@ impl Padding2d {
     }
 }
 
+impl Padding2d {
+    /// The same padding of `p` pixels on all four sides, as PyTorch's `Conv2d(padding=p)`.
+    pub fn uniform(p: usize) -> Self {
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
+/// The activation applied to a convolution's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// No activation.
+    #[default]
+    Identity,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)`.
+    Relu6,
+}
+
+impl Activation {
+    /// [`Activation::Relu6`] when `relu6` holds, otherwise [`Activation::Identity`].
+    pub fn relu6_if(relu6: bool) -> Self {
+        if relu6 {
+            Activation::Relu6
+        } else {
+            Activation::Identity
+        }
+    }
+
+    /// Applies the activation to a tensor on any device.
+    pub fn apply(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::Identity => Ok(x),
+            Activation::Relu => x.relu(),
+            Activation::Relu6 => x.clamp(0f32, 6f32),
+        }
+    }
+
+    /// Applies the activation in place to a slice.
+    fn apply_slice(&self, values: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::Relu => {
+                for v in values.iter_mut() {
+                    *v = v.max(0.0);
+                }
+            }
+            Activation::Relu6 => {
+                for v in values.iter_mut() {
+                    *v = v.clamp(0.0, 6.0);
+                }
+            }
+        }
+    }
+}
+
 /// The "same" padding (before, after) of one dimension.
 fn same_1d(n: usize, kernel: usize, stride: usize) -> (usize, usize) {
     let out = n.div_ceil(stride);
@@ -60,11 +121,7 @@ fn same_1d(n: usize, kernel: usize, stride: usize) -> (usize, usize) {
 
 /// Applies ReLU6 when asked.
 fn maybe_relu6(x: Tensor, relu6: bool) -> candle_core::Result<Tensor> {
-    if relu6 {
-        x.clamp(0f32, 6f32)
-    } else {
-        Ok(x)
-    }
+    Activation::relu6_if(relu6).apply(x)
 }
 
 /// A dense 2-D convolution with "same" padding, bias and optional ReLU6 (used for the stem).
@@ -81,11 +138,52 @@ pub fn conv2d_same(
     let (_, _, h, w) = x.dims4()?;
     let (_, _, k, _) = weight.dims4()?;
     let padding = Padding2d::same(h, w, k, stride);
+    conv2d(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        Activation::relu6_if(relu6),
+    )
+}
+
+/// A dense 2-D convolution with explicit zero padding, bias and an activation.
+///
+/// `x` is (B, C_in, H, W), `weight` (C_out, C_in, k, k) and `bias` (C_out). F32 tensors on the
+/// CPU use [`Conv2dGemm`]; anything else goes through [`conv2d_reference`].
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: Padding2d,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
     if use_cpu_kernels(&[x, weight, bias]) {
-        apply_gemm_conv(x, weight, bias, stride, padding, relu6)
+        apply_gemm_conv(x, weight, bias, stride, padding, activation)
     } else {
-        conv2d_same_reference(x, weight, bias, stride, padding, relu6)
+        conv2d_reference(x, weight, bias, stride, padding, activation)
     }
+}
+
+/// A dense convolution with explicit padding and an activation through candle's
+/// [`Tensor::conv2d`], on any device: the fallback of [`conv2d`] off the CPU.
+pub fn conv2d_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: Padding2d,
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    let c_out = weight.dim(0)?;
+    let x = x
+        .pad_with_zeros(2, padding.top, padding.bottom)?
+        .pad_with_zeros(3, padding.left, padding.right)?;
+    let y = x.conv2d(weight, 0, stride, 1, 1)?;
+    let y = y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
+    activation.apply(y)
 }
 
 /// A dense convolution through candle's [`Tensor::conv2d`], on any device.
@@ -100,13 +198,14 @@ pub fn conv2d_same_reference(
     padding: Padding2d,
     relu6: bool,
 ) -> candle_core::Result<Tensor> {
-    let c_out = weight.dim(0)?;
-    let x = x
-        .pad_with_zeros(2, padding.top, padding.bottom)?
-        .pad_with_zeros(3, padding.left, padding.right)?;
-    let y = x.conv2d(weight, 0, stride, 1, 1)?;
-    let y = y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
-    maybe_relu6(y, relu6)
+    conv2d_reference(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        Activation::relu6_if(relu6),
+    )
 }
 
 /// A 1 × 1 convolution (a matrix product per image), with bias and optional ReLU6.
@@ -123,7 +222,14 @@ pub fn pointwise_conv2d(
     let c_out = weight.dim(0)?;
     let weight = weight.reshape((c_out, c_in, 1, 1))?;
     if use_cpu_kernels(&[x, &weight, bias]) {
-        return apply_gemm_conv(x, &weight, bias, 1, Padding2d::default(), relu6);
+        return apply_gemm_conv(
+            x,
+            &weight,
+            bias,
+            1,
+            Padding2d::default(),
+            Activation::relu6_if(relu6),
+        );
     }
     let weight = weight.reshape((c_out, c_in))?;
     let x = x.contiguous()?.reshape((b, c_in, h * w))?;
@@ -146,7 +252,7 @@ fn apply_gemm_conv(
     bias: &Tensor,
     stride: usize,
     padding: Padding2d,
-    relu6: bool,
+    activation: Activation,
 ) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(
         &weight.contiguous()?,
@@ -154,9 +260,61 @@ fn apply_gemm_conv(
         &Conv2dGemm {
             stride,
             padding,
-            relu6,
+            activation,
         },
     )
+}
+
+/// `relu(a + b)` for two tensors of the same shape: the end of a residual block.
+///
+/// F32 tensors on the CPU use [`AddRelu`], one pass parallel over rayon's threads; anything else
+/// goes through candle's own operations. The CPU kernel exists because candle's element-wise
+/// operations run on a separate thread pool whose workers spin after each operation, taking
+/// processor time from the convolutions that follow.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if use_cpu_kernels(&[a, b]) {
+        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &AddRelu)
+    } else {
+        (a + b)?.relu()
+    }
+}
+
+/// The CPU kernel of [`add_relu`], as a candle custom op on two contiguous f32 tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct AddRelu;
+
+impl candle_core::CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "add-relu: shapes {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let a = contiguous_f32(s1, l1, "first operand")?;
+        let b = contiguous_f32(s2, l2, "second operand")?;
+        let mut out = vec![0f32; a.len()];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (x, y))| {
+                for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                    *o = (x + y).max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
 }
 
 /// A depthwise convolution with "same" padding, bias and optional ReLU6.
@@ -237,7 +395,7 @@ fn contiguous_f32<'a>(
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("depthwise conv: the {what} must be contiguous"),
+        None => candle_core::bail!("custom op: the {what} must be contiguous"),
     }
 }
 
@@ -446,15 +604,15 @@ impl DepthwisePlanes<'_> {
 /// (B, C_out, OH, OW). Each image is one matrix product `W · cols`, where `cols` is the input
 /// itself for a 1 × 1 convolution without stride or padding and an im2col matrix
 /// (C_in·k·k × OH·OW) otherwise. The product accumulates into an output pre-filled with the bias
-/// and ReLU6 is applied in place, so bias and activation cost no extra pass over memory.
+/// and the activation is applied in place, so bias and activation cost no extra pass over memory.
 #[derive(Debug, Clone, Copy)]
 pub struct Conv2dGemm {
     /// The stride in both directions.
     pub stride: usize,
     /// The zero padding around the input.
     pub padding: Padding2d,
-    /// Whether to apply ReLU6 to the result.
-    pub relu6: bool,
+    /// The activation applied to the result.
+    pub activation: Activation,
 }
 
 impl CustomOp3 for Conv2dGemm {
@@ -562,16 +720,12 @@ impl CustomOp3 for Conv2dGemm {
                     parallelism,
                 );
             }
-            if self.relu6 {
-                let clamp = |row: &mut [f32]| {
-                    for v in row.iter_mut() {
-                        *v = v.clamp(0.0, 6.0);
-                    }
-                };
+            if self.activation != Activation::Identity {
+                let act = |row: &mut [f32]| self.activation.apply_slice(row);
                 if per_image_parallel {
-                    dst.par_chunks_mut(n).for_each(clamp);
+                    dst.par_chunks_mut(n).for_each(act);
                 } else {
-                    clamp(dst);
+                    act(dst);
                 }
             }
         };

@@ -420,8 +420,8 @@ fn bad_taps_and_inputs_are_errors() {
 
 #[test]
 fn every_preset_builds_with_its_default_taps() {
-    for arch in Arch::ALL {
-        let cfg = EfficientNetLiteConfig::for_arch(arch);
+    for arch in Arch::EFFICIENTNET_LITE {
+        let cfg = EfficientNetLiteConfig::for_arch(arch).unwrap();
         let default = arch.default_taps();
         let deepest: usize = default
             .iter()

@@ -151,3 +151,23 @@ fn dense_gemm_kernel_matches_candle_conv() {
         }
     }
 }
+
+#[test]
+fn add_relu_equals_candles_add_then_relu() {
+    use patchcore_backbone::ops::add_relu;
+    let a = Tensor::randn(0f32, 1f32, (2, 5, 7, 9), &Device::Cpu).unwrap();
+    let b = Tensor::randn(0f32, 1f32, (2, 5, 7, 9), &Device::Cpu).unwrap();
+    let ours = add_relu(&a, &b).unwrap();
+    let reference = (&a + &b).unwrap().relu().unwrap();
+    let diff = (ours - reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    let c = Tensor::zeros((2, 5, 7, 8), DType::F32, &Device::Cpu).unwrap();
+    assert!(add_relu(&a, &c).is_err());
+}

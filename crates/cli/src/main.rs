@@ -59,8 +59,47 @@ enum SetThreshold {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Preset {
+    /// The original's default: WideResNet-50-2, taps `layer2` + `layer3`, ImageNet normalisation, 1024/1024,
+    /// 3×3 patches, 10% coreset, k = 1.
+    #[value(name = "wide_resnet50_2", alias = "wide-resnet50-2")]
+    WideResNet50_2,
     /// EfficientNet-Lite0, taps `_blocks.4` + `_blocks.10`, the original's other defaults (10% coreset, k = 1).
     Lite0,
+    /// ResNet-18, taps `layer2` + `layer3`, the original's other defaults.
+    #[value(name = "resnet18")]
+    ResNet18,
+    /// ResNet-34, taps `layer2` + `layer3`, the original's other defaults.
+    #[value(name = "resnet34")]
+    ResNet34,
+    /// ResNet-50, taps `layer2` + `layer3`, the original's other defaults.
+    #[value(name = "resnet50")]
+    ResNet50,
+    /// ResNet-101, taps `layer2` + `layer3`, the original's other defaults.
+    #[value(name = "resnet101")]
+    ResNet101,
+    /// ResNet-152, taps `layer2` + `layer3`, the original's other defaults.
+    #[value(name = "resnet152")]
+    ResNet152,
+    /// WideResNet-101-2, taps `layer2` + `layer3`, the original's other defaults.
+    #[value(name = "wide_resnet101_2", alias = "wide-resnet101-2")]
+    WideResNet101_2,
+}
+
+impl Preset {
+    /// The preset's backbone and the file name its weights usually have.
+    fn arch_and_weights(self) -> (patchcore::Arch, &'static str) {
+        use patchcore::Arch;
+        match self {
+            Preset::WideResNet50_2 => (Arch::WideResNet50_2, "wide_resnet50_2-95faca4d.pth"),
+            Preset::Lite0 => (Arch::EfficientNetLite0, "efficientnet-lite0-57934424.pth"),
+            Preset::ResNet18 => (Arch::ResNet18, "resnet18-f37072fd.pth"),
+            Preset::ResNet34 => (Arch::ResNet34, "resnet34-b627a593.pth"),
+            Preset::ResNet50 => (Arch::ResNet50, "resnet50-0676ba61.pth"),
+            Preset::ResNet101 => (Arch::ResNet101, "resnet101-63fe2227.pth"),
+            Preset::ResNet152 => (Arch::ResNet152, "resnet152-394f9c45.pth"),
+            Preset::WideResNet101_2 => (Arch::WideResNet101_2, "wide_resnet101_2-32ee1156.pth"),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -72,7 +111,7 @@ struct FitArgs {
     #[arg(long)]
     out: PathBuf,
     /// Starting configuration.
-    #[arg(long, value_enum, default_value_t = Preset::Lite0)]
+    #[arg(long, value_enum, default_value_t = Preset::WideResNet50_2)]
     preset: Preset,
     /// A JSON configuration file (as written in a model's header); replaces the preset.
     #[arg(long)]
@@ -223,9 +262,10 @@ fn fit(a: FitArgs) -> Result<()> {
             serde_json::from_str::<PatchCoreConfig>(&text)
                 .with_context(|| format!("{} is not a valid configuration", path.display()))?
         }
-        None => match a.preset {
-            Preset::Lite0 => PatchCoreConfig::lite0("efficientnet-lite0-57934424.pth"),
-        },
+        None => {
+            let (arch, weights) = a.preset.arch_and_weights();
+            PatchCoreConfig::for_arch(arch, weights)
+        }
     };
     if let Some(w) = a.weights {
         config.backbone.weights = w;
@@ -254,7 +294,7 @@ fn fit(a: FitArgs) -> Result<()> {
     config.validate()?;
     if !config.backbone.weights.is_file() {
         bail!(
-            "backbone weights {} not found: pass --weights (for Lite0: `cargo xtask fetch lite0-weights` prints the path)",
+            "backbone weights {} not found: pass --weights (`cargo xtask fetch weights <model>` prints the path of a model's weights)",
             config.backbone.weights.display()
         );
     }

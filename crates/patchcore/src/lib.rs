@@ -9,7 +9,7 @@
 //! ```no_run
 //! use patchcore::{load_image, PatchCore, PatchCoreConfig, Progress};
 //! # fn main() -> Result<(), patchcore::Error> {
-//! let mut config = PatchCoreConfig::lite0("efficientnet-lite0-57934424.pth");
+//! let mut config = PatchCoreConfig::wide_resnet50_2("wide_resnet50_2-95faca4d.pth"); // the original's default
 //! config.sampler = patchcore::Sampler::ApproximateGreedy(patchcore::GreedyConfig::new(0.01));
 //! let train = ["good/000.png", "good/001.png"].map(|p| load_image(p.as_ref()));
 //! let model = PatchCore::fit(config, train, &mut |_: Progress| {})?;
@@ -67,7 +67,7 @@ pub struct BackboneConfig {
     pub arch: Arch,
     /// Path to the weights: a PyTorch `.pth` (zip or legacy format) or a `.safetensors` file.
     pub weights: PathBuf,
-    /// Tapped layers by their state-dict module path (e.g. `_blocks.4`). As in the original, the first tap sets
+    /// Tapped layers by their state-dict module path (e.g. `layer2`, or `_blocks.4` for EfficientNet-Lite). As in the original, the first tap sets
     /// the patch grid and the others are aligned to it, so it is normally the shallowest.
     pub taps: Vec<String>,
 }
@@ -122,11 +122,24 @@ pub struct PatchCoreConfig {
 }
 
 impl PatchCoreConfig {
+    /// The original's default preset: WideResNet-50-2 (torchvision's ImageNet weights, for example
+    /// `wide_resnet50_2-95faca4d.pth` or timm's `wide_resnet50_2.tv_in1k` safetensors), taps `layer2` and `layer3`,
+    /// ImageNet normalisation, resize 256, crop 224, 3×3 patches, 1024/1024 dimensions, approximate greedy coreset at
+    /// 10%, k = 1, exact search, bilinear upsampling and σ = 4 blur.
+    pub fn wide_resnet50_2(weights: impl Into<PathBuf>) -> Self {
+        Self::for_arch(Arch::WideResNet50_2, weights)
+    }
+
     /// EfficientNet-Lite0 with the original's other defaults: taps `_blocks.4` and `_blocks.10`, resize 256,
     /// crop 224, 3×3 patches, 1024/1024 dimensions, approximate greedy coreset at 10%, k = 1, exact search,
     /// bilinear upsampling and σ = 4 blur.
     pub fn lite0(weights: impl Into<PathBuf>) -> Self {
-        let arch = Arch::EfficientNetLite0;
+        Self::for_arch(Arch::EfficientNetLite0, weights)
+    }
+
+    /// Any backbone with its own default taps and normalisation, and the original's other defaults (as in
+    /// [`PatchCoreConfig::wide_resnet50_2`]).
+    pub fn for_arch(arch: Arch, weights: impl Into<PathBuf>) -> Self {
         Self {
             backbone: BackboneConfig {
                 arch,
@@ -163,7 +176,31 @@ impl PatchCoreConfig {
                 "at least one layer name",
             ));
         }
+        let valid_taps = self.backbone.arch.valid_taps();
+        if let Some(bad) = self.backbone.taps.iter().find(|t| !valid_taps.contains(t)) {
+            return Err(ConfigError::invalid(
+                "backbone.taps",
+                format!("{bad:?}"),
+                format!(
+                    "a layer of {}: {}",
+                    self.backbone.arch,
+                    valid_taps.join(", ")
+                ),
+            ));
+        }
         self.preprocess.validate()?;
+        // The normalisation belongs to the backbone: weights trained with other constants see shifted inputs.
+        let expected = self.backbone.arch.normalization();
+        if self.preprocess.normalization != expected {
+            return Err(ConfigError::invalid(
+                "preprocess.normalization",
+                format!("{:?}", self.preprocess.normalization),
+                format!(
+                    "the {} backbone's constants {expected:?}",
+                    self.backbone.arch
+                ),
+            ));
+        }
         self.embed.validate().map_err(|e| match e {
             patchcore_patch::PatchError::InvalidParameter {
                 parameter,

@@ -448,3 +448,48 @@ fn calibrated_threshold_is_stored_and_reloaded() {
         .unwrap_err();
     assert!(e.to_string().contains("no scores"), "{e}");
 }
+
+#[test]
+fn the_default_preset_is_the_originals() {
+    let c = PatchCoreConfig::wide_resnet50_2("wide_resnet50_2-95faca4d.pth");
+    assert_eq!(c.backbone.arch, patchcore::Arch::WideResNet50_2);
+    assert_eq!(c.backbone.taps, ["layer2", "layer3"]);
+    assert_eq!(c.preprocess.normalization.mean, [0.485, 0.456, 0.406]);
+    assert_eq!(c.preprocess.normalization.std, [0.229, 0.224, 0.225]);
+    assert_eq!((c.preprocess.resize, c.preprocess.crop), (256, 224));
+    assert_eq!(c.embed, patchcore::EmbedConfig::inspection());
+    assert_eq!(
+        (c.embed.pretrain_dim, c.embed.target_dim, c.embed.patch.size),
+        (1024, 1024, 3)
+    );
+    assert!(matches!(&c.sampler, Sampler::ApproximateGreedy(g) if g.ratio == 0.1));
+    assert_eq!(c.k, 1);
+    c.validate().unwrap();
+    // Every backbone gets its own constants and taps.
+    for arch in patchcore::Arch::ALL {
+        let c = PatchCoreConfig::for_arch(arch, "w.pth");
+        assert_eq!(c.preprocess.normalization, arch.normalization(), "{arch}");
+        assert_eq!(c.backbone.taps, arch.default_taps(), "{arch}");
+        c.validate().unwrap();
+    }
+    // The Lite0 preset keeps its own constants.
+    let lite = PatchCoreConfig::lite0("w.pth");
+    assert_eq!(lite.preprocess.normalization.mean, [127.0 / 255.0; 3]);
+}
+
+#[test]
+fn a_backbone_is_never_paired_with_another_backbones_constants_or_taps() {
+    let mut c = PatchCoreConfig::wide_resnet50_2("w.pth");
+    c.preprocess.normalization = patchcore::Arch::EfficientNetLite0.normalization();
+    let e = c.validate().unwrap_err();
+    let ConfigError::Invalid { parameter, .. } = &e;
+    assert_eq!(parameter, "preprocess.normalization", "{e}");
+    assert!(e.to_string().contains("wide_resnet50_2"), "{e}");
+    let mut c = PatchCoreConfig::wide_resnet50_2("w.pth");
+    c.backbone.taps = vec!["_blocks.4".into()];
+    let e = c.validate().unwrap_err();
+    assert!(
+        e.to_string().contains("_blocks.4") && e.to_string().contains("layer2"),
+        "{e}"
+    );
+}
