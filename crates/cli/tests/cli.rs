@@ -219,6 +219,8 @@ fn thresholds_are_calibrated_stored_and_reported() {
     let o = run_ok(
         &[
             "fit",
+            "--preset",
+            "lite0",
             "--data",
             "data",
             "--weights",
@@ -374,6 +376,8 @@ fn thresholds_are_calibrated_stored_and_reported() {
     run_ok(
         &[
             "fit",
+            "--preset",
+            "lite0",
             "--data",
             "data",
             "--weights",
