@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use patchcore::{load_image, GreedyConfig, PatchCore, PatchCoreConfig, Progress, Sampler};
+use patchcore::{
+    load_image, GreedyConfig, IndexSpec, PatchCore, PatchCoreConfig, Progress, Sampler,
+};
 use serde_json::json;
 
 /// PatchCore industrial anomaly detection: learn "normal" from good images, then score new ones.
@@ -44,6 +46,19 @@ impl From<MaskMode> for patchcore::MaskResample {
             MaskMode::Nearest => patchcore::MaskResample::Nearest,
         }
     }
+}
+
+/// Nearest-neighbour backends selectable with `fit --nn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum NnBackend {
+    /// Exact search in pure Rust (always available).
+    Exact,
+    /// Exact search with FAISS IndexFlatL2 on the CPU (cargo feature `faiss`).
+    FaissFlat,
+    /// Exact search with FAISS GpuIndexFlatL2 on GPU 0 (cargo feature `faiss-gpu`).
+    FaissGpu,
+    /// Approximate search with FAISS IVFPQ, 512 lists, 64 sub-quantizers, 8 bits (cargo feature `faiss`).
+    Ivfpq,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -81,6 +96,12 @@ struct FitArgs {
     /// Images per backbone pass.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Nearest-neighbour backend; the FAISS ones need a build with the matching cargo feature.
+    #[arg(long, value_enum)]
+    nn: Option<NnBackend>,
+    /// Inverted lists visited per query by the `ivfpq` backend (1 to 512; default 1).
+    #[arg(long)]
+    nprobe: Option<usize>,
     /// Skip unreadable image files (each is reported with the reason) instead of stopping.
     #[arg(long)]
     skip_bad: bool,
@@ -220,6 +241,30 @@ fn fit(a: FitArgs) -> Result<()> {
     }
     if let Some(b) = a.batch_size {
         config.batch_size = b;
+    }
+    if let Some(nn) = a.nn {
+        config.index = match nn {
+            NnBackend::Exact => IndexSpec::Exact(Default::default()),
+            NnBackend::FaissFlat => IndexSpec::FaissFlat(Default::default()),
+            NnBackend::FaissGpu => IndexSpec::FaissGpuFlat(Default::default()),
+            NnBackend::Ivfpq => IndexSpec::IvfPq(Default::default()),
+        };
+    }
+    if let Some(nprobe) = a.nprobe {
+        match &mut config.index {
+            IndexSpec::IvfPq(c) => c.nprobe = nprobe,
+            other => bail!(
+                "--nprobe applies to the ivfpq backend, not to `{}` (add --nn ivfpq)",
+                other.backend_name()
+            ),
+        }
+    }
+    if !config.index.is_available() {
+        bail!(
+            "the `{}` nearest-neighbour backend is not in this build: rebuild with `--features {}`",
+            config.index.backend_name(),
+            config.index.required_feature().unwrap_or("none")
+        );
     }
     config.validate()?;
     if !config.backbone.weights.is_file() {

@@ -20,8 +20,8 @@
 //! ## Design
 //!
 //! * **One trait, many backends.** [`KnnIndex`] is object safe and `Send + Sync`, so the exact
-//!   pure-Rust backend here and FAISS backends (flat CPU, flat GPU, IVFPQ; added later behind cargo
-//!   features) are interchangeable behind `Box<dyn KnnIndex>`. [`IndexSpec`] is the serialisable
+//!   pure-Rust backend and the FAISS backends (flat CPU, flat GPU, IVFPQ; behind cargo features,
+//!   see below) are interchangeable behind `Box<dyn KnnIndex>`. [`IndexSpec`] is the serialisable
 //!   description (`{"backend": "exact", "threads": null}`) that builds or reads an index, in the
 //!   style of linfa-nn.
 //! * **Exact backend.** Distances are first computed for tiles of queries × bank rows as
@@ -46,6 +46,41 @@
 //!
 //! `k` must satisfy `1 ≤ k ≤ bank size`; unlike FAISS, which pads with index `-1`, a larger `k` is
 //! an error ([`KnnError::InvalidK`]).
+//!
+//! ## FAISS backends
+//!
+//! With the cargo feature `faiss` (which builds the vendored FAISS C++ library and its C API, and
+//! needs cmake, BLAS and LAPACK: `apt-get install cmake libopenblas-dev liblapack-dev` on Debian),
+//! [`IndexSpec::FaissFlat`] and [`IndexSpec::IvfPq`] are available; `faiss-gpu` adds
+//! [`IndexSpec::FaissGpuFlat`] (it needs CUDA). Without the feature these specifications still
+//! parse, and building or reading one is [`KnnError::Unavailable`].
+//!
+//! * All FAISS backends index the bank minus its mean and search queries minus the mean, which
+//!   leaves distances unchanged and removes most of `f32`'s cancellation in FAISS's
+//!   `‖x‖² + ‖y‖² − 2·x·y`.
+//! * **Exact FAISS backends** ask FAISS for `2k + 8` candidates, rescore them in `f64` and check a
+//!   floating-point error bound on FAISS's last candidate; a query whose candidates cannot be
+//!   certified to contain the true `k` nearest is rescored against the whole bank. Results thus
+//!   match the pure-Rust backend: never negative, zero for duplicates, ties broken by the lower
+//!   index, never FAISS's `-1` labels or `3.4e38` padding. The guarantee rests on FAISS computing
+//!   in `f32` with correctly rounded operations; the pure-Rust backend's rests on its own code.
+//! * **IVFPQ** (`IndexIVFPQ`, by default the original's 512 lists, 64 sub-quantizers of 8 bits,
+//!   `nprobe` 1) returns FAISS's approximate distances, clamped at zero. It is trained on the bank
+//!   and refuses banks with fewer than 39 rows per centroid of either quantizer
+//!   ([`KnnError::TooFewToTrain`]) unless [`OnTooSmall::Exact`] asks for exact search instead; a
+//!   dimension that the sub-quantizers do not divide is [`KnnError::SubQuantizers`]. Queries whose
+//!   probed lists hold fewer than `k` rows are searched again with more lists.
+//! * **Threads.** FAISS runs on OpenMP. A backend's `threads` is set with `omp_set_num_threads` on
+//!   the calling thread around each FAISS call and restored afterwards; OpenMP keeps that count per
+//!   thread, so backends with different counts do not affect each other or the rest of the
+//!   process. Not isolated: BLAS's own threads (FAISS's flat search of 20 or more queries is one
+//!   BLAS matrix product; OpenBLAS takes its thread count from `OPENBLAS_NUM_THREADS`, process
+//!   wide), and the total when several threads search at once.
+//! * **Serialisation.** FAISS's own format (written to memory through its C API's custom writer)
+//!   inside a small header with magic `PCKNNFA1`, version, index kind, dimension, row count, bank
+//!   mean, payload length and a checksum, so truncated or corrupted streams are
+//!   [`KnnError::Corrupt`]. The GPU backend writes its CPU equivalent and copies it to the device
+//!   when read.
 #![deny(missing_docs)]
 
 mod error;
