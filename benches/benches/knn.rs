@@ -8,8 +8,11 @@
 //! With the cargo feature `faiss` (`cargo bench -p patchcore-benches --features faiss --bench
 //! knn`), the `knn_backends` group compares the pure-Rust exact backend, FAISS `IndexFlatL2` and
 //! FAISS IVFPQ (nprobe 1, 8 and 32) on 16,384 and 163,840 × 1024 banks, every backend on 2
-//! threads, on clustered data (rows around 1,024 random centres, queries drawn from the same
-//! clusters). Each benchmark's recall@1 against the exact backend is printed before it runs.
+//! threads, on clustered data (rows around 1,024 random centres). The timed queries are fresh
+//! rows of the same clusters. Before each benchmark it prints recall@1 against the exact backend
+//! for these queries and for queries near the bank (bank rows moved by ±0.1 per component, as test
+//! patches that resemble training patches), and the median relative error of the first
+//! neighbour's distance.
 //! IVFPQ uses the original's 64 sub-quantizers of 8 bits and 512 lists on the large bank; the
 //! small bank has too few rows for 512 lists (FAISS wants 39 per list, 19,968 rows), so it uses
 //! 256 lists there. Select banks with `PATCHCORE_BENCH_BANKS=16384,163840` (the default).
@@ -92,6 +95,15 @@ fn backends(c: &mut Criterion) {
             .collect();
         let bank = clustered(&mut rng, &centres, n);
         let queries = clustered(&mut rng, &centres, QUERIES);
+        let mut near = Vec::with_capacity(QUERIES * DIM);
+        for _ in 0..QUERIES {
+            let j = rng.random_range(0..n);
+            near.extend(
+                bank[j * DIM..(j + 1) * DIM]
+                    .iter()
+                    .map(|&v| v + rng.random_range(-0.1f32..0.1)),
+            );
+        }
         let lists = if n >= 39 * 512 { 512 } else { 256 };
         let mut specs = vec![
             (
@@ -114,13 +126,13 @@ fn backends(c: &mut Criterion) {
                 }),
             ));
         }
-        let mut truth: Option<Vec<u32>> = None;
-        let mut trained: Option<(usize, Vec<u8>)> = None;
+        let mut truth: Option<(patchcore_knn::Neighbors, patchcore_knn::Neighbors)> = None;
+        let mut trained: Option<Vec<u8>> = None;
         for (name, spec) in specs {
             let started = Instant::now();
             // The IVFPQ index is trained once per bank and read back for the other nprobe values.
             let index = match (&spec, &trained) {
-                (IndexSpec::IvfPq(_), Some((_, bytes))) => {
+                (IndexSpec::IvfPq(_), Some(bytes)) => {
                     spec.read_from(&mut bytes.as_slice()).expect("read")
                 }
                 _ => spec.build(&bank, DIM).expect("build"),
@@ -129,20 +141,35 @@ fn backends(c: &mut Criterion) {
             if matches!(spec, IndexSpec::IvfPq(_)) && trained.is_none() {
                 let mut bytes = Vec::new();
                 index.write_to(&mut bytes).expect("write");
-                trained = Some((n, bytes));
+                trained = Some(bytes);
             }
             let found = index.search(&queries, 1).expect("search");
-            let truth = truth.get_or_insert_with(|| found.indices().to_vec());
-            let hits = found
-                .indices()
-                .iter()
-                .zip(truth.iter())
-                .filter(|(a, b)| a == b)
-                .count();
-            println!(
-                "knn_backends/{name}/{n}: built or read in {built:.2} s, recall@1 {:.4} \
-                 ({hits}/{QUERIES}), seed {seed:#x}",
+            let found_near = index.search(&near, 1).expect("search");
+            let (truth, truth_near) =
+                truth.get_or_insert_with(|| (found.clone(), found_near.clone()));
+            let recall = |a: &patchcore_knn::Neighbors, b: &patchcore_knn::Neighbors| {
+                let hits = a
+                    .indices()
+                    .iter()
+                    .zip(b.indices())
+                    .filter(|(x, y)| x == y)
+                    .count();
                 hits as f64 / QUERIES as f64
+            };
+            let mut errors: Vec<f64> = found
+                .distances()
+                .iter()
+                .zip(truth.distances())
+                .map(|(&d, &t)| (f64::from(d) - f64::from(t)).abs() / f64::from(t).max(1e-30))
+                .collect();
+            errors.sort_by(f64::total_cmp);
+            println!(
+                "knn_backends/{name}/{n}: built or read in {built:.2} s; recall@1 {:.4} (fresh \
+                 queries), {:.4} (near the bank); median relative distance error {:.2e}; \
+                 seed {seed:#x}",
+                recall(&found, truth),
+                recall(&found_near, truth_near),
+                errors[QUERIES / 2]
             );
             group.bench_function(format!("{name}/{n}"), |b| {
                 b.iter(|| {

@@ -17,11 +17,11 @@
 //! FAISS distance lies within `e` of the exact one whatever the order of summation (dot products
 //! and norms each within `γ_D·S²`, the final operations within a few `u·S²`). If FAISS's `k'`-th
 //! distance minus `e` exceeds the `k`-th rescored distance, no row outside the candidates can be
-//! among the `k` nearest, and the answer is exact. Otherwise (or when `k' = n` is not reached and
-//! the certificate cannot be checked, or the bound would overflow `f32`) the query is rescored
-//! against the whole bank. So the result is exact up to the rounding of the centring (at most
-//! `2⁻²⁴` relative per component, and none where a value and the mean are within a factor of
-//! two), never negative, exactly zero for duplicates, and FAISS's `-1` labels and `3.4e38`
+//! among the `k` nearest, and the answer is exact. Otherwise the query is searched again with
+//! eight times as many candidates, and once that would reach a quarter of the bank (or when the
+//! bound could overflow `f32`) it is rescored against the whole bank in `f64`. So the result is
+//! exact up to the rounding of the centring (at most `2⁻²⁴` relative per component, and none where
+//! a value and the mean are within a factor of two), never negative, exactly zero for duplicates, and FAISS's `-1` labels and `3.4e38`
 //! padding distances cannot leak out. The bound assumes FAISS computes in `f32` with correctly
 //! rounded operations, as its CPU and GPU kernels do.
 //!
@@ -394,64 +394,102 @@ impl FaissIndex {
     }
 
     /// Exact search on a flat engine: FAISS candidates, rescored and certified (module docs).
+    ///
+    /// `raw(queries, k', distances, labels)` runs one FAISS search. Queries whose candidates cannot
+    /// be certified are searched again with eight times as many candidates; once that would be a
+    /// quarter of the bank or more (or the error bound is unusable), they are rescored against the
+    /// whole bank instead.
     fn search_flat(
         &self,
         host: &FlatIndex,
         centred: &[f32],
         k: usize,
-        raw: impl FnOnce(&[f32], usize, &mut [f32], &mut [i64]) -> Result<(), KnnError>,
+        raw: impl Fn(&[f32], usize, &mut [f32], &mut [i64]) -> Result<(), KnnError>,
     ) -> Result<Neighbors, KnnError> {
         let dim = self.dim;
+        let n = self.n;
         let nq = centred.len() / dim;
-        let kk = self.n.min(2 * k + 8);
-        let mut faiss_d = vec![0f32; nq * kk];
-        let mut faiss_i = vec![0i64; nq * kk];
-        raw(centred, kk, &mut faiss_d, &mut faiss_i)?;
         let bank = host.xb();
         let gamma = dim as f64 * U / (1.0 - dim as f64 * U);
-        let mut distances = Vec::with_capacity(nq * k);
-        let mut indices = Vec::with_capacity(nq * k);
-        let mut candidates: Vec<(f64, u32)> = Vec::with_capacity(kk);
-        for (q, x) in centred.chunks_exact(dim).enumerate() {
-            candidates.clear();
-            let labels = &faiss_i[q * kk..(q + 1) * kk];
-            let valid = labels.iter().all(|&l| l >= 0 && (l as usize) < self.n);
-            if valid {
+        let mut distances = vec![0f32; nq * k];
+        let mut indices = vec![0u32; nq * k];
+        let mut candidates: Vec<(f64, u32)> = Vec::new();
+        let mut pending: Vec<usize> = (0..nq).collect();
+        let mut exhaustive: Vec<usize> = Vec::new();
+        let mut kk = n.min(2 * k + 8);
+        let mut rows: Vec<f32> = Vec::new();
+        while !pending.is_empty() {
+            let subset: &[f32] = if pending.len() == nq {
+                centred
+            } else {
+                rows.clear();
+                for &q in &pending {
+                    rows.extend_from_slice(&centred[q * dim..(q + 1) * dim]);
+                }
+                &rows
+            };
+            let m = pending.len();
+            let mut faiss_d = vec![0f32; m * kk];
+            let mut faiss_i = vec![0i64; m * kk];
+            raw(subset, kk, &mut faiss_d, &mut faiss_i)?;
+            let mut failed = Vec::new();
+            for (p, &q) in pending.iter().enumerate() {
+                let x = &centred[q * dim..(q + 1) * dim];
+                let s = squared_norm(x).sqrt() + self.max_norm;
+                let s2 = s * s;
+                if !(gamma > 0.0 && gamma < 1.0 && s2 <= MAX_SAFE_SQUARED) {
+                    exhaustive.push(q);
+                    continue;
+                }
+                let labels = &faiss_i[p * kk..(p + 1) * kk];
+                if labels.iter().any(|&l| l < 0 || l as usize >= n) {
+                    failed.push(q);
+                    continue;
+                }
+                candidates.clear();
                 candidates.extend(labels.iter().map(|&l| {
                     let j = l as usize;
                     (exact_distance(x, &bank[j * dim..(j + 1) * dim]), j as u32)
                 }));
                 candidates.sort_unstable_by(by_distance_then_index);
-            }
-            let certified = valid
-                && (kk == self.n || {
-                    let s = squared_norm(x).sqrt() + self.max_norm;
-                    let s2 = s * s;
-                    let bound = (2.0 * gamma + 32.0 * U) * s2 + f64::from(f32::MIN_POSITIVE);
-                    let last = f64::from(faiss_d[(q + 1) * kk - 1]);
-                    gamma > 0.0
-                        && gamma < 1.0
-                        && s2 <= MAX_SAFE_SQUARED
-                        && last.is_finite()
-                        && last - bound > candidates[k - 1].0
-                });
-            if !certified {
-                candidates.clear();
-                candidates.extend(
-                    bank.chunks_exact(dim)
-                        .enumerate()
-                        .map(|(j, y)| (exact_distance(x, y), j as u32)),
-                );
-                if k < candidates.len() {
-                    candidates.select_nth_unstable_by(k - 1, by_distance_then_index);
-                    candidates.truncate(k);
+                let bound = (2.0 * gamma + 32.0 * U) * s2 + f64::from(f32::MIN_POSITIVE);
+                let last = f64::from(faiss_d[(p + 1) * kk - 1]);
+                let certified = kk == n || (last.is_finite() && last - bound > candidates[k - 1].0);
+                if !certified {
+                    failed.push(q);
+                    continue;
                 }
-                candidates.sort_unstable_by(by_distance_then_index);
+                for (r, &(d, j)) in candidates[..k].iter().enumerate() {
+                    // Casting rounds to nearest and saturates to infinity beyond `f32::MAX`.
+                    distances[q * k + r] = d as f32;
+                    indices[q * k + r] = j;
+                }
             }
-            for &(d, j) in &candidates[..k] {
-                // Casting rounds to nearest and saturates to infinity beyond `f32::MAX`.
-                distances.push(d as f32);
-                indices.push(j);
+            let wider = kk.saturating_mul(8).min(n);
+            if wider < n.div_ceil(4) {
+                kk = wider;
+                pending = failed;
+            } else {
+                exhaustive.extend(failed);
+                pending = Vec::new();
+            }
+        }
+        for q in exhaustive {
+            let x = &centred[q * dim..(q + 1) * dim];
+            candidates.clear();
+            candidates.extend(
+                bank.chunks_exact(dim)
+                    .enumerate()
+                    .map(|(j, y)| (exact_distance(x, y), j as u32)),
+            );
+            if k < candidates.len() {
+                candidates.select_nth_unstable_by(k - 1, by_distance_then_index);
+                candidates.truncate(k);
+            }
+            candidates.sort_unstable_by(by_distance_then_index);
+            for (r, &(d, j)) in candidates[..k].iter().enumerate() {
+                distances[q * k + r] = d as f32;
+                indices[q * k + r] = j;
             }
         }
         Ok(Neighbors::new(k, distances, indices))

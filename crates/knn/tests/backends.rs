@@ -313,3 +313,42 @@ fn faiss_flat_is_exact_on_offset_data_where_f32_cancels() {
         }
     }
 }
+
+#[cfg(feature = "faiss")]
+#[test]
+fn faiss_flat_breaks_ties_among_many_duplicates_by_the_lower_index() {
+    // 150 copies of one row among 2,000: FAISS's candidates are all ties, so certification fails
+    // and the backend widens the search, then rescans the bank; the answer must still be the
+    // lowest-indexed copies, as the exact backend returns.
+    let seed = 6;
+    println!("seed = {seed}");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let dim = 24;
+    let n = 2000;
+    let mut bank = random_rows(&mut rng, n, dim);
+    let copy = bank[..dim].to_vec();
+    for c in 0..150 {
+        let j = 1 + c * 13;
+        bank[j * dim..(j + 1) * dim].copy_from_slice(&copy);
+    }
+    let mut queries = copy.clone();
+    queries.extend(random_rows(&mut rng, 20, dim));
+    let faiss = IndexSpec::FaissFlat(FaissFlatConfig { threads: Some(1) })
+        .build(&bank, dim)
+        .unwrap();
+    let exact = IndexSpec::Exact(ExactConfig::default())
+        .build(&bank, dim)
+        .unwrap();
+    for k in [1, 3, 40] {
+        let a = faiss.search(&queries, k).unwrap();
+        let b = exact.search(&queries, k).unwrap();
+        assert_eq!(a.indices(), b.indices(), "k = {k}");
+        // Equal up to the rounding of the centring (a few units in the last place).
+        for (x, y) in a.distances().iter().zip(b.distances()) {
+            assert!((x - y).abs() <= 1e-6 * y.max(1e-30), "k = {k}: {x} vs {y}");
+        }
+    }
+    let found = faiss.search(&copy, 3).unwrap();
+    assert_eq!(found.indices(), &[0, 1, 14]);
+    assert_eq!(found.distances(), &[0.0, 0.0, 0.0]);
+}
