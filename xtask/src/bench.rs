@@ -61,9 +61,40 @@ pub const BACKBONES: &[Backbone] = &[
     torchvision_backbone!("resnet152"),
 ];
 
-/// Every nearest-neighbour backend the bench knows, with the extra `patchcore fit` arguments that select it
-/// (exact search is every preset's default, so it needs none); a new backend is one line here.
-pub const NN_BACKENDS: &[(&str, &[&str])] = &[("exact", &[])];
+/// A nearest-neighbour backend the bench can select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NnBackend {
+    /// The name `--nn` takes.
+    pub name: &'static str,
+    /// The extra `patchcore fit` arguments that select it (exact search is every preset's default).
+    pub fit_args: &'static [&'static str],
+    /// The cargo feature of `patchcore-cli` the backend needs, if any.
+    pub feature: Option<&'static str>,
+}
+
+/// Every nearest-neighbour backend the bench knows; a new backend is one line here.
+pub const NN_BACKENDS: &[NnBackend] = &[
+    NnBackend {
+        name: "exact",
+        fit_args: &[],
+        feature: None,
+    },
+    NnBackend {
+        name: "faiss-flat",
+        fit_args: &["--nn", "faiss-flat"],
+        feature: Some("faiss"),
+    },
+    NnBackend {
+        name: "ivfpq",
+        fit_args: &["--nn", "ivfpq"],
+        feature: Some("faiss"),
+    },
+    NnBackend {
+        name: "faiss-gpu",
+        fit_args: &["--nn", "faiss-gpu"],
+        feature: Some("faiss-gpu"),
+    },
+];
 
 /// Which data set to run on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,8 +143,8 @@ pub struct BenchArgs {
     pub backbone: &'static Backbone,
     /// The coreset ratio.
     pub coreset: f64,
-    /// The nearest-neighbour backend's name and its `patchcore fit` arguments (see [`NN_BACKENDS`]).
-    pub nn: (&'static str, &'static [&'static str]),
+    /// The nearest-neighbour backend (see [`NN_BACKENDS`]).
+    pub nn: &'static NnBackend,
     /// Overlays per category.
     pub overlays: usize,
     /// The output folder, if given.
@@ -185,18 +216,14 @@ pub fn lookup_backbone(name: &str) -> Result<&'static Backbone> {
 }
 
 /// The nearest-neighbour backend named `name`.
-pub fn lookup_nn(name: &str) -> Result<(&'static str, &'static [&'static str])> {
-    NN_BACKENDS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .copied()
-        .with_context(|| {
-            let known: Vec<&str> = NN_BACKENDS.iter().map(|(n, _)| *n).collect();
-            format!(
-                "unknown nearest-neighbour backend `{name}`: expected one of {}",
-                known.join(", ")
-            )
-        })
+pub fn lookup_nn(name: &str) -> Result<&'static NnBackend> {
+    NN_BACKENDS.iter().find(|b| b.name == name).with_context(|| {
+        let known: Vec<&str> = NN_BACKENDS.iter().map(|b| b.name).collect();
+        format!(
+            "unknown nearest-neighbour backend `{name}`: expected one of {}",
+            known.join(", ")
+        )
+    })
 }
 
 /// The categories of a data set: (name, folder in MVTec layout), in name order.
@@ -633,17 +660,22 @@ fn machine() -> String {
     )
 }
 
-/// Builds the CLI once and returns the path of the release binary.
-fn build_cli() -> Result<PathBuf> {
+/// Builds the CLI once, with the cargo feature the nearest-neighbour backend needs, and returns the path of the
+/// release binary.
+fn build_cli(feature: Option<&str>) -> Result<PathBuf> {
     eprintln!("xtask: building the patchcore binary (release)");
-    let output = cargo_command(&[
+    let mut cargo_args = vec![
         "build",
         "--release",
         "-q",
         "-p",
         "patchcore-cli",
         "--message-format=json-render-diagnostics",
-    ])
+    ];
+    if let Some(feature) = feature {
+        cargo_args.extend(["--features", feature]);
+    }
+    let output = cargo_command(&cargo_args)
     .stderr(std::process::Stdio::inherit())
     .output()
     .context("could not start `cargo build -p patchcore-cli`")?;
@@ -723,7 +755,7 @@ fn run_category(
             "--seed",
             "0",
         ])
-        .args(args.nn.1)
+        .args(args.nn.fit_args)
         .args(["--quiet", "--out"])
         .arg(&model)
         .arg("--report")
@@ -801,11 +833,11 @@ pub fn bench(cache: &Path, args: &BenchArgs) -> Result<PathBuf> {
         dataset: args.dataset.label(),
         backbone: args.backbone.name.to_string(),
         coreset: args.coreset,
-        nn: args.nn.0.to_string(),
+        nn: args.nn.name.to_string(),
         started: format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}"),
         machine: machine(),
     };
-    let exe = build_cli()?;
+    let exe = build_cli(args.nn.feature)?;
     // Everything is written into a scratch folder next to the destination and renamed into place at the end,
     // so an interrupted bench leaves no half-written report.
     let parent = out
@@ -1020,7 +1052,8 @@ mod tests {
             e.contains("unknown backbone `resnet9000`") && e.contains("lite0"),
             "{e}"
         );
-        assert_eq!(lookup_nn("exact").unwrap().0, "exact");
+        assert_eq!(lookup_nn("exact").unwrap().name, "exact");
+        assert_eq!(lookup_nn("ivfpq").unwrap().feature, Some("faiss"));
         assert!(lookup_nn("faiss")
             .unwrap_err()
             .to_string()
@@ -1040,7 +1073,7 @@ mod tests {
             args.categories,
             Some(vec!["a".to_string(), "b".to_string()])
         );
-        assert_eq!((args.coreset, args.nn.0, args.overlays), (0.01, "exact", 4));
+        assert_eq!((args.coreset, args.nn.name, args.overlays), (0.01, "exact", 4));
     }
 
     #[test]

@@ -60,11 +60,12 @@ Commands:
       (mono by default) and print a summary of the report.
       Default output: target/patchcore-demo/elpv-<type>.
   bench [--dataset mvtec|elpv-mono|elpv-poly|PATH] [--category A,B]
-        [--backbone lite0] [--coreset RATIO] [--nn exact] [--overlays N]
-        [--out DIR] [--cache DIR]
+        [--backbone lite0] [--coreset RATIO] [--overlays N]
+        [--nn exact|faiss-flat|ivfpq|faiss-gpu] [--out DIR] [--cache DIR]
       Fit and evaluate per category (elpv-mono, coreset 0.01 by default) and
       write report.md, report.json, report.csv, roc_/pro_<category>.png and
       overlays. MVTec AD is read from <cache>/data/mvtec/<category>/.
+      The FAISS backends build the CLI with the cargo feature they need.
       Default output: target/patchcore-bench/<dataset>-<UTC time>.
   help
       Print this text.

@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use patchcore::{
-    load_image, CalibrationConfig, GreedyConfig, PatchCore, PatchCoreConfig, Progress, Sampler,
-    Threshold,
+    load_image, CalibrationConfig, GreedyConfig, IndexSpec, PatchCore, PatchCoreConfig, Progress,
+    Sampler, Threshold,
 };
 use serde_json::json;
 
@@ -55,6 +55,19 @@ impl From<MaskMode> for patchcore::MaskResample {
 enum SetThreshold {
     /// The threshold with the best F1 score on the evaluated images.
     F1,
+}
+
+/// Nearest-neighbour backends selectable with `fit --nn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum NnBackend {
+    /// Exact search in pure Rust (always available).
+    Exact,
+    /// Exact search with FAISS IndexFlatL2 on the CPU (cargo feature `faiss`).
+    FaissFlat,
+    /// Exact search with FAISS GpuIndexFlatL2 on GPU 0 (cargo feature `faiss-gpu`).
+    FaissGpu,
+    /// Approximate search with FAISS IVFPQ, 512 lists, 64 sub-quantizers, 8 bits (cargo feature `faiss`).
+    Ivfpq,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -143,6 +156,12 @@ struct FitArgs {
     /// threshold.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Nearest-neighbour backend; the FAISS ones need a build with the matching cargo feature.
+    #[arg(long, value_enum)]
+    nn: Option<NnBackend>,
+    /// Inverted lists visited per query by the `ivfpq` backend (1 to 512; default 1).
+    #[arg(long)]
+    nprobe: Option<usize>,
     /// Skip unreadable image files (each is reported with the reason) instead of stopping.
     #[arg(long)]
     skip_bad: bool,
@@ -290,6 +309,30 @@ fn fit(a: FitArgs) -> Result<()> {
     }
     if let Some(b) = a.batch_size {
         config.batch_size = b;
+    }
+    if let Some(nn) = a.nn {
+        config.index = match nn {
+            NnBackend::Exact => IndexSpec::Exact(Default::default()),
+            NnBackend::FaissFlat => IndexSpec::FaissFlat(Default::default()),
+            NnBackend::FaissGpu => IndexSpec::FaissGpuFlat(Default::default()),
+            NnBackend::Ivfpq => IndexSpec::IvfPq(Default::default()),
+        };
+    }
+    if let Some(nprobe) = a.nprobe {
+        match &mut config.index {
+            IndexSpec::IvfPq(c) => c.nprobe = nprobe,
+            other => bail!(
+                "--nprobe applies to the ivfpq backend, not to `{}` (add --nn ivfpq)",
+                other.backend_name()
+            ),
+        }
+    }
+    if !config.index.is_available() {
+        bail!(
+            "the `{}` nearest-neighbour backend is not in this build: rebuild with `--features {}`",
+            config.index.backend_name(),
+            config.index.required_feature().unwrap_or("none")
+        );
     }
     config.validate()?;
     if !config.backbone.weights.is_file() {

@@ -62,6 +62,65 @@ pub enum KnnError {
     #[error("invalid index configuration: {0}")]
     Config(String),
 
+    /// The backend is not compiled into this build.
+    #[error(
+        "the `{backend}` nearest-neighbour backend is not available: this build was made \
+         without the cargo feature `{feature}` of patchcore-knn"
+    )]
+    Unavailable {
+        /// The backend's name, as in the configuration's `backend` tag.
+        backend: &'static str,
+        /// The cargo feature that enables it.
+        feature: &'static str,
+    },
+
+    /// The bank has too few rows to train the IVFPQ quantizers: FAISS wants `per_centroid`
+    /// training points per centroid of the coarse quantizer (one per list) and of each PQ code
+    /// book (`2^bits` entries).
+    #[error(
+        "the memory bank has {bank_size} rows, too few to train IVFPQ: FAISS wants at least \
+         {per_centroid} points per centroid, i.e. {needed_for_lists} for the {lists} lists and \
+         {needed_for_codebooks} for the {codebook}-entry ({bits}-bit) PQ code books; use fewer \
+         lists or bits, a larger bank, or `on_too_small: exact`"
+    )]
+    TooFewToTrain {
+        /// The number of bank rows.
+        bank_size: usize,
+        /// Training points wanted per centroid (FAISS's `min_points_per_centroid`, 39).
+        per_centroid: usize,
+        /// The configured number of inverted lists.
+        lists: usize,
+        /// `per_centroid × lists`.
+        needed_for_lists: usize,
+        /// Bits per PQ code.
+        bits: usize,
+        /// Entries of each PQ code book, `2^bits`.
+        codebook: usize,
+        /// `per_centroid × codebook`.
+        needed_for_codebooks: usize,
+    },
+
+    /// The dimension is not a multiple of the number of PQ sub-quantizers.
+    #[error(
+        "the dimension {dim} is not divisible by the {sub_quantizers} PQ sub-quantizers \
+         (choose a divisor of {dim})"
+    )]
+    SubQuantizers {
+        /// The row dimension.
+        dim: usize,
+        /// The configured number of sub-quantizers.
+        sub_quantizers: usize,
+    },
+
+    /// FAISS reported an error.
+    #[error("FAISS failed while {context}: {message}")]
+    Faiss {
+        /// What this crate asked FAISS to do.
+        context: &'static str,
+        /// FAISS's own message.
+        message: String,
+    },
+
     /// A serialised index is malformed: wrong magic, unsupported version, truncated or corrupted.
     #[error("corrupt index stream: {0}")]
     Corrupt(String),

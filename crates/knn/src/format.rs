@@ -25,19 +25,37 @@ const CHUNK: usize = 1 << 14;
 /// A word-wise variant of FNV-1a: every 64-bit word is xor-ed in and the state multiplied by the
 /// FNV prime. Multiplying by an odd constant is a bijection, so any single changed word changes
 /// the final hash.
-struct Checksum(u64);
+pub(crate) struct Checksum(pub(crate) u64);
 
 impl Checksum {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Checksum(0xcbf2_9ce4_8422_2325)
     }
 
-    fn word(&mut self, w: u64) {
+    pub(crate) fn word(&mut self, w: u64) {
         self.0 = (self.0 ^ w).wrapping_mul(0x0000_0100_0000_01b3);
     }
 
+    /// Hashes `bytes`, eight per little-endian word, the last word zero-padded, then the length.
+    #[cfg(feature = "faiss")]
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            self.word(u64::from_le_bytes([
+                w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+            ]));
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            last[..rest.len()].copy_from_slice(rest);
+            self.word(u64::from_le_bytes(last));
+        }
+        self.word(bytes.len() as u64);
+    }
+
     /// Hashes the bit patterns of `values`, two per word.
-    fn floats(&mut self, values: &[f32]) {
+    pub(crate) fn floats(&mut self, values: &[f32]) {
         let mut pairs = values.chunks_exact(2);
         for pair in &mut pairs {
             self.word(u64::from(pair[0].to_bits()) | (u64::from(pair[1].to_bits()) << 32));
@@ -73,7 +91,7 @@ pub(crate) fn write_exact(w: &mut dyn Write, dim: usize, data: &[f32]) -> Result
 }
 
 /// Maps an unexpected end of stream to [`KnnError::Corrupt`], naming what was being read.
-fn truncated(what: &str) -> impl FnOnce(std::io::Error) -> KnnError + '_ {
+pub(crate) fn truncated(what: &str) -> impl FnOnce(std::io::Error) -> KnnError + '_ {
     move |e| {
         if e.kind() == ErrorKind::UnexpectedEof {
             KnnError::Corrupt(format!("stream truncated while reading the {what}"))

@@ -20,8 +20,8 @@
 //! ## Design
 //!
 //! * **One trait, many backends.** [`KnnIndex`] is object safe and `Send + Sync`, so the exact
-//!   pure-Rust backend here and FAISS backends (flat CPU, flat GPU, IVFPQ; added later behind cargo
-//!   features) are interchangeable behind `Box<dyn KnnIndex>`. [`IndexSpec`] is the serialisable
+//!   pure-Rust backend and the FAISS backends (flat CPU, flat GPU, IVFPQ; behind cargo features,
+//!   see below) are interchangeable behind `Box<dyn KnnIndex>`. [`IndexSpec`] is the serialisable
 //!   description (`{"backend": "exact", "threads": null}`) that builds or reads an index, in the
 //!   style of linfa-nn.
 //! * **Exact backend.** Distances are first computed for tiles of queries × bank rows as
@@ -46,10 +46,47 @@
 //!
 //! `k` must satisfy `1 ≤ k ≤ bank size`; unlike FAISS, which pads with index `-1`, a larger `k` is
 //! an error ([`KnnError::InvalidK`]).
+//!
+//! ## FAISS backends
+//!
+//! With the cargo feature `faiss` (which builds the vendored FAISS C++ library and its C API, and
+//! needs cmake, BLAS and LAPACK: `apt-get install cmake libopenblas-dev liblapack-dev` on Debian),
+//! [`IndexSpec::FaissFlat`] and [`IndexSpec::IvfPq`] are available; `faiss-gpu` adds
+//! [`IndexSpec::FaissGpuFlat`] (it needs CUDA). Without the feature these specifications still
+//! parse, and building or reading one is [`KnnError::Unavailable`].
+//!
+//! * All FAISS backends index the bank minus its mean and search queries minus the mean, which
+//!   leaves distances unchanged and removes most of `f32`'s cancellation in FAISS's
+//!   `‖x‖² + ‖y‖² − 2·x·y`.
+//! * **Exact FAISS backends** ask FAISS for `2k + 8` candidates, rescore them in `f64` and check a
+//!   floating-point error bound on FAISS's last candidate; a query whose candidates cannot be
+//!   certified to contain the true `k` nearest is rescored against the whole bank. Results thus
+//!   match the pure-Rust backend: never negative, zero for duplicates, ties broken by the lower
+//!   index, never FAISS's `-1` labels or `3.4e38` padding. The guarantee rests on FAISS computing
+//!   in `f32` with correctly rounded operations; the pure-Rust backend's rests on its own code.
+//! * **IVFPQ** (`IndexIVFPQ`, by default the original's 512 lists, 64 sub-quantizers of 8 bits,
+//!   `nprobe` 1) returns FAISS's approximate distances, clamped at zero. It is trained on the bank
+//!   and refuses banks with fewer than 39 rows per centroid of either quantizer
+//!   ([`KnnError::TooFewToTrain`]) unless [`OnTooSmall::Exact`] asks for exact search instead; a
+//!   dimension that the sub-quantizers do not divide is [`KnnError::SubQuantizers`]. Queries whose
+//!   probed lists hold fewer than `k` rows are searched again with more lists.
+//! * **Threads.** FAISS runs on OpenMP. A backend's `threads` is set with `omp_set_num_threads` on
+//!   the calling thread around each FAISS call and restored afterwards; OpenMP keeps that count per
+//!   thread, so backends with different counts do not affect each other or the rest of the
+//!   process. Not isolated: BLAS's own threads (FAISS's flat search of 20 or more queries is one
+//!   BLAS matrix product; OpenBLAS takes its thread count from `OPENBLAS_NUM_THREADS`, process
+//!   wide), and the total when several threads search at once.
+//! * **Serialisation.** FAISS's own format (written to memory through its C API's custom writer)
+//!   inside a small header with magic `PCKNNFA1`, version, index kind, dimension, row count, bank
+//!   mean, payload length and a checksum, so truncated or corrupted streams are
+//!   [`KnnError::Corrupt`]. The GPU backend writes its CPU equivalent and copies it to the device
+//!   when read.
 #![deny(missing_docs)]
 
 mod error;
 mod exact;
+#[cfg(feature = "faiss")]
+mod faiss;
 mod format;
 mod kernel;
 mod neighbors;
@@ -106,15 +143,97 @@ pub struct ExactConfig {
     pub threads: Option<usize>,
 }
 
+/// Configuration of the exact FAISS backend on the CPU (`IndexFlatL2`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaissFlatConfig {
+    /// OpenMP threads of this backend's FAISS calls; `None` (or `Some(0)`) keeps the calling
+    /// thread's OpenMP setting (by default all cores, or `OMP_NUM_THREADS`). The count is set on
+    /// the calling thread around each FAISS call and restored afterwards; see the crate
+    /// documentation for what this does and does not isolate.
+    pub threads: Option<usize>,
+}
+
+/// Configuration of the exact FAISS backend on a GPU (`GpuIndexFlatL2`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaissGpuConfig {
+    /// The CUDA device the index lives on.
+    pub device: u32,
+}
+
+/// What the IVFPQ backend does with a bank too small to train its quantizers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnTooSmall {
+    /// Fail with [`KnnError::TooFewToTrain`].
+    #[default]
+    Error,
+    /// Log a warning and search the bank exactly (as the `faiss-flat` backend does) instead.
+    Exact,
+}
+
+/// Configuration of the approximate FAISS backend (`IndexIVFPQ` over an `IndexFlatL2` coarse
+/// quantizer), as the original's `ApproximateFaissNN`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IvfPqConfig {
+    /// Inverted lists (coarse k-means centroids); the original uses 512.
+    pub lists: usize,
+    /// Product-quantizer sub-vectors per row; must divide the dimension. The original uses 64.
+    pub sub_quantizers: usize,
+    /// Bits per sub-quantizer code, 1 to 16; the original uses 8 (256-entry code books).
+    pub bits: usize,
+    /// Lists visited per query, 1 to `lists`; FAISS's default (and the original's) is 1.
+    pub nprobe: usize,
+    /// OpenMP threads of this backend's FAISS calls, as [`FaissFlatConfig::threads`].
+    pub threads: Option<usize>,
+    /// What to do when the bank is too small to train on.
+    pub on_too_small: OnTooSmall,
+}
+
+impl IvfPqConfig {
+    /// Training points FAISS wants per centroid of a quantizer (its `min_points_per_centroid`):
+    /// a bank needs `39 × lists` rows for the coarse quantizer and `39 × 2^bits` for the PQ code
+    /// books.
+    pub const MIN_POINTS_PER_CENTROID: usize = 39;
+}
+
+impl Default for IvfPqConfig {
+    fn default() -> Self {
+        IvfPqConfig {
+            lists: 512,
+            sub_quantizers: 64,
+            bits: 8,
+            nprobe: 1,
+            threads: None,
+            on_too_small: OnTooSmall::Error,
+        }
+    }
+}
+
 /// Which backend to use and how to configure it.
 ///
-/// Serialised with a `backend` tag, e.g. `{"backend": "exact", "threads": 4}`.
+/// Serialised with a `backend` tag, e.g. `{"backend": "exact", "threads": 4}` or
+/// `{"backend": "ivfpq", "lists": 512, "sub_quantizers": 64, "bits": 8, "nprobe": 8, ...}`. The FAISS
+/// variants exist in every build so that configurations and model files always parse; building or
+/// reading one in a build without the cargo feature it needs is [`KnnError::Unavailable`].
 #[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "backend", rename_all = "kebab-case")]
 pub enum IndexSpec {
     /// Exact search in pure Rust (GEMM shortlist plus exact `f64` rescoring); always available.
     Exact(ExactConfig),
+    /// Exact search with FAISS `IndexFlatL2` on the CPU, candidates rescored in `f64`; needs the
+    /// cargo feature `faiss`.
+    FaissFlat(FaissFlatConfig),
+    /// Exact search with FAISS `GpuIndexFlatL2`, candidates rescored in `f64` on the CPU; needs
+    /// the cargo feature `faiss-gpu`.
+    #[serde(rename = "faiss-gpu")]
+    FaissGpuFlat(FaissGpuConfig),
+    /// Approximate search with FAISS `IndexIVFPQ`; needs the cargo feature `faiss`.
+    #[serde(rename = "ivfpq")]
+    IvfPq(IvfPqConfig),
 }
 
 impl Default for IndexSpec {
@@ -141,6 +260,51 @@ impl IndexSpec {
                 bank.to_vec(),
                 dim,
             )?)),
+            #[cfg(feature = "faiss")]
+            IndexSpec::FaissFlat(_) | IndexSpec::IvfPq(_) => {
+                Ok(Box::new(faiss::FaissIndex::build(self, bank, dim)?))
+            }
+            #[cfg(feature = "faiss-gpu")]
+            IndexSpec::FaissGpuFlat(_) => Ok(Box::new(faiss::FaissIndex::build(self, bank, dim)?)),
+            #[allow(unreachable_patterns)]
+            _ => Err(self.unavailable()),
+        }
+    }
+
+    /// The backend's name as written in the `backend` tag.
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            IndexSpec::Exact(_) => "exact",
+            IndexSpec::FaissFlat(_) => "faiss-flat",
+            IndexSpec::FaissGpuFlat(_) => "faiss-gpu",
+            IndexSpec::IvfPq(_) => "ivfpq",
+        }
+    }
+
+    /// The cargo feature of this crate that the backend needs, if any.
+    pub fn required_feature(&self) -> Option<&'static str> {
+        match self {
+            IndexSpec::Exact(_) => None,
+            IndexSpec::FaissFlat(_) | IndexSpec::IvfPq(_) => Some("faiss"),
+            IndexSpec::FaissGpuFlat(_) => Some("faiss-gpu"),
+        }
+    }
+
+    /// Whether this build of the crate includes the backend.
+    pub fn is_available(&self) -> bool {
+        match self {
+            IndexSpec::Exact(_) => true,
+            IndexSpec::FaissFlat(_) | IndexSpec::IvfPq(_) => cfg!(feature = "faiss"),
+            IndexSpec::FaissGpuFlat(_) => cfg!(feature = "faiss-gpu"),
+        }
+    }
+
+    /// The error for a backend this build lacks.
+    #[cfg_attr(feature = "faiss-gpu", allow(dead_code))]
+    fn unavailable(&self) -> KnnError {
+        KnnError::Unavailable {
+            backend: self.backend_name(),
+            feature: self.required_feature().unwrap_or("none"),
         }
     }
 
@@ -159,6 +323,14 @@ impl IndexSpec {
                 let (dim, data) = format::read_exact(r)?;
                 Ok(Box::new(exact::ExactIndex::new(config.clone(), data, dim)?))
             }
+            #[cfg(feature = "faiss")]
+            IndexSpec::FaissFlat(_) | IndexSpec::IvfPq(_) => {
+                Ok(Box::new(faiss::FaissIndex::read(self, r)?))
+            }
+            #[cfg(feature = "faiss-gpu")]
+            IndexSpec::FaissGpuFlat(_) => Ok(Box::new(faiss::FaissIndex::read(self, r)?)),
+            #[allow(unreachable_patterns)]
+            _ => Err(self.unavailable()),
         }
     }
 }

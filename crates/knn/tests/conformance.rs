@@ -1,10 +1,14 @@
 //! One conformance suite, instantiated for every built backend with `knn_conformance!`.
 //!
-//! Every backend must agree with a brute-force `f64` oracle. FAISS backends, once added behind
-//! cargo features, get their own instantiation, e.g.
-//! `#[cfg(feature = "faiss")] knn_conformance!(faiss_flat, IndexSpec::FaissFlat(..));`.
+//! Every backend must agree with a brute-force `f64` oracle: the pure-Rust exact backend always,
+//! the FAISS backends when the cargo feature `faiss` (and `faiss-gpu` for the GPU) is enabled. The
+//! IVFPQ backend runs the suite with `on_too_small: exact`, because these banks are too small to
+//! train it (so the suite checks its fallback); its approximate search is checked against the
+//! oracle by recall on clustered data at the end of this file.
 
 use patchcore_knn::{ExactConfig, IndexSpec, KnnError, Neighbors};
+#[cfg(feature = "faiss")]
+use patchcore_knn::{FaissFlatConfig, IvfPqConfig, OnTooSmall};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -348,3 +352,103 @@ knn_conformance!(
     exact_three_threads,
     IndexSpec::Exact(ExactConfig { threads: Some(3) })
 );
+
+#[cfg(feature = "faiss")]
+knn_conformance!(faiss_flat, IndexSpec::FaissFlat(FaissFlatConfig::default()));
+#[cfg(feature = "faiss")]
+knn_conformance!(
+    faiss_flat_one_thread,
+    IndexSpec::FaissFlat(FaissFlatConfig { threads: Some(1) })
+);
+#[cfg(feature = "faiss-gpu")]
+knn_conformance!(
+    faiss_gpu,
+    IndexSpec::FaissGpuFlat(patchcore_knn::FaissGpuConfig { device: 0 })
+);
+#[cfg(feature = "faiss")]
+knn_conformance!(
+    ivfpq_fallback,
+    IndexSpec::IvfPq(IvfPqConfig {
+        // One sub-quantizer divides every dimension of the suite.
+        sub_quantizers: 1,
+        threads: Some(2),
+        on_too_small: OnTooSmall::Exact,
+        ..IvfPqConfig::default()
+    })
+);
+
+/// `n` rows around `clusters` random centres: centres uniform in `±10`, rows at Gaussian-like
+/// offsets of scale 1 (sum of uniforms), so that neighbours are well separated only inside a
+/// cluster.
+#[cfg(feature = "faiss")]
+fn clustered(rng: &mut ChaCha8Rng, n: usize, dim: usize, clusters: usize) -> Vec<f32> {
+    let centres = random_rows(rng, clusters, dim, 0.0, 10.0);
+    let mut rows = Vec::with_capacity(n * dim);
+    for _ in 0..n {
+        let c = rng.random_range(0..clusters);
+        for j in 0..dim {
+            let noise: f32 = (0..3).map(|_| rng.random_range(-1.0f32..1.0)).sum();
+            rows.push(centres[c * dim + j] + noise);
+        }
+    }
+    rows
+}
+
+#[cfg(feature = "faiss")]
+#[test]
+fn ivfpq_recall_at_1_on_clustered_data() {
+    // (bank rows, dim, lists, sub-quantizers, bits, nprobe, minimum recall@1)
+    let cases: &[(usize, usize, usize, usize, usize, usize, f64)] = &[
+        (20_000, 64, 512, 16, 8, 8, 0.9),
+        (10_000, 32, 64, 8, 8, 4, 0.9),
+    ];
+    for (c, &(n, dim, lists, m, bits, nprobe, minimum)) in cases.iter().enumerate() {
+        let seed = 0x1f_0000 + c as u64;
+        println!(
+            "case {c}: n={n} dim={dim} IVF{lists},PQ{m}x{bits} nprobe={nprobe} seed={seed:#x}"
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let bank = clustered(&mut rng, n, dim, 100);
+        // Queries: bank rows moved by a small perturbation, as test patches near normal ones.
+        let nq = 300;
+        let mut queries = Vec::with_capacity(nq * dim);
+        for _ in 0..nq {
+            let j = rng.random_range(0..n);
+            queries.extend(
+                bank[j * dim..(j + 1) * dim]
+                    .iter()
+                    .map(|&v| v + rng.random_range(-0.05f32..0.05)),
+            );
+        }
+        let spec = IndexSpec::IvfPq(IvfPqConfig {
+            lists,
+            sub_quantizers: m,
+            bits,
+            nprobe,
+            threads: Some(2),
+            on_too_small: OnTooSmall::Error,
+        });
+        let started = std::time::Instant::now();
+        let index = spec.build(&bank, dim).unwrap();
+        println!(
+            "case {c}: built in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(format!("{index:?}").contains("IndexIVFPQ"), "{index:?}");
+        let found = index.search(&queries, 1).unwrap();
+        let truth = oracle(&bank, dim, &queries, 1);
+        let hits = (0..nq)
+            .filter(|&q| found.row(q).1[0] == truth[q][0].1)
+            .count();
+        let recall = hits as f64 / nq as f64;
+        println!("case {c}: recall@1 = {recall:.3}");
+        assert!(
+            recall >= minimum,
+            "case {c} (seed {seed:#x}): recall@1 {recall} < {minimum}"
+        );
+        for q in 0..nq {
+            let (d, i) = found.row(q);
+            assert!(d[0] >= 0.0 && d[0].is_finite() && (i[0] as usize) < n);
+        }
+    }
+}

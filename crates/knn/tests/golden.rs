@@ -40,10 +40,17 @@ fn matches_faiss_index_flat_l2() {
     assert_eq!(query_shape, [112, 1024]);
     let dim = bank_shape[1];
 
-    for threads in [None, Some(1)] {
-        let index = IndexSpec::Exact(ExactConfig { threads })
-            .build(&bank, dim)
-            .unwrap();
+    let mut specs = vec![
+        IndexSpec::Exact(ExactConfig { threads: None }),
+        IndexSpec::Exact(ExactConfig { threads: Some(1) }),
+    ];
+    if cfg!(feature = "faiss") {
+        specs.push(IndexSpec::FaissFlat(patchcore_knn::FaissFlatConfig {
+            threads: Some(1),
+        }));
+    }
+    for spec in specs {
+        let index = spec.build(&bank, dim).unwrap();
         let found = index.search(&queries, 1).unwrap();
         let max_abs = want_d.iter().fold(0f32, |a, &b| a.max(b.abs()));
         let max_err = found
@@ -52,7 +59,7 @@ fn matches_faiss_index_flat_l2() {
             .zip(&want_d)
             .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
         let rel = max_err / max_abs;
-        println!("threads {threads:?}: max |Δd| = {max_err:e}, relative {rel:e} (max {max_abs})");
+        println!("{spec:?}: max |Δd| = {max_err:e}, relative {rel:e} (max {max_abs})");
         assert!(rel <= 1e-4, "relative distance error {rel:e}");
         let mut differing = 0;
         for (q, (&got, &want)) in found.indices().iter().zip(&want_i).enumerate() {
@@ -73,6 +80,6 @@ fn matches_faiss_index_flat_l2() {
                 );
             }
         }
-        println!("threads {threads:?}: {differing} of 112 indices differ (ties)");
+        println!("{spec:?}: {differing} of 112 indices differ (ties)");
     }
 }

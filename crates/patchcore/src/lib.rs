@@ -49,7 +49,9 @@ pub use patchcore_backbone::{Arch, Normalization};
 pub use patchcore_coreset as coreset;
 pub use patchcore_coreset::{GreedyConfig, Sampler};
 pub use patchcore_knn as knn;
-pub use patchcore_knn::{ExactConfig, IndexSpec};
+pub use patchcore_knn::{
+    ExactConfig, FaissFlatConfig, FaissGpuConfig, IndexSpec, IvfPqConfig, OnTooSmall,
+};
 pub use patchcore_patch as patch;
 pub use patchcore_patch::{EmbedConfig, PatchMaker};
 pub use patchcore_segmentation as segmentation;
