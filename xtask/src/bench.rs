@@ -217,13 +217,16 @@ pub fn lookup_backbone(name: &str) -> Result<&'static Backbone> {
 
 /// The nearest-neighbour backend named `name`.
 pub fn lookup_nn(name: &str) -> Result<&'static NnBackend> {
-    NN_BACKENDS.iter().find(|b| b.name == name).with_context(|| {
-        let known: Vec<&str> = NN_BACKENDS.iter().map(|b| b.name).collect();
-        format!(
-            "unknown nearest-neighbour backend `{name}`: expected one of {}",
-            known.join(", ")
-        )
-    })
+    NN_BACKENDS
+        .iter()
+        .find(|b| b.name == name)
+        .with_context(|| {
+            let known: Vec<&str> = NN_BACKENDS.iter().map(|b| b.name).collect();
+            format!(
+                "unknown nearest-neighbour backend `{name}`: expected one of {}",
+                known.join(", ")
+            )
+        })
 }
 
 /// The categories of a data set: (name, folder in MVTec layout), in name order.
@@ -676,9 +679,9 @@ fn build_cli(feature: Option<&str>) -> Result<PathBuf> {
         cargo_args.extend(["--features", feature]);
     }
     let output = cargo_command(&cargo_args)
-    .stderr(std::process::Stdio::inherit())
-    .output()
-    .context("could not start `cargo build -p patchcore-cli`")?;
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("could not start `cargo build -p patchcore-cli`")?;
     if !output.status.success() {
         bail!(
             "`cargo build --release -p patchcore-cli` failed ({})",
@@ -1073,7 +1076,10 @@ mod tests {
             args.categories,
             Some(vec!["a".to_string(), "b".to_string()])
         );
-        assert_eq!((args.coreset, args.nn.name, args.overlays), (0.01, "exact", 4));
+        assert_eq!(
+            (args.coreset, args.nn.name, args.overlays),
+            (0.01, "exact", 4)
+        );
     }
 
     #[test]
