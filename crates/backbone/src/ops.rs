@@ -340,6 +340,7 @@ pub fn depthwise_conv2d(
                 stride,
                 padding,
                 relu6,
+                portable_only: false,
             },
         )
     } else {
@@ -384,6 +385,9 @@ pub struct DepthwiseConv2d {
     pub padding: Padding2d,
     /// Whether to apply ReLU6 to the result.
     pub relu6: bool,
+    /// Run the portable kernel even where the processor has AVX-512 (both give the same values;
+    /// this exists so that tests can compare them).
+    pub portable_only: bool,
 }
 
 /// The contiguous f32 data of a CPU tensor, or an error naming `what`.
@@ -481,7 +485,7 @@ impl CustomOp3 for DepthwiseConv2d {
         };
         out.par_chunks_mut(plane_out.max(1))
             .enumerate()
-            .for_each(|(bc, o)| planes.plane(bc, o));
+            .for_each(|(bc, o)| planes.plane(bc, o, self.portable_only));
         Ok((CpuStorage::F32(out), Shape::from((b, c, oh, ow))))
     }
 }
@@ -511,10 +515,10 @@ impl DepthwisePlanes<'_> {
     /// compiled with AVX-512 where the processor has it. Only the vector width differs between the
     /// two: the compiler never reorders or fuses floating-point operations, so they give the same
     /// bits.
-    fn plane(&self, bc: usize, o: &mut [f32]) {
+    fn plane(&self, bc: usize, o: &mut [f32], portable_only: bool) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if !portable_only && std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the processor supports AVX-512F, checked just above.
                 return unsafe { self.plane_avx512(bc, o) };
             }
@@ -522,10 +526,142 @@ impl DepthwisePlanes<'_> {
         self.plane_portable(bc, o)
     }
 
+    /// The AVX-512 body of [`Self::plane`].
+    ///
+    /// The plane is copied once into a zero-padded buffer split into `s` column phases (phase `p`
+    /// holds padded columns `p, p + s, p + 2s, …`), so that for every tap the inputs of
+    /// consecutive output columns are consecutive in memory. Output rows are cut into chunks of
+    /// [`LANES`] columns, and [`GROUP`] chunks are summed at once in registers: each starts at the
+    /// bias and adds `weight × input` tap by tap, row-major over the kernel, with a separate
+    /// multiply and add exactly as [`Self::plane_portable`] does. Taps on the padding add
+    /// `weight × 0`, which leaves a sum unchanged, so both give the same values.
+    ///
+    /// # Safety
+    ///
+    /// The processor must support AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn plane_avx512(&self, bc: usize, o: &mut [f32]) {
-        self.plane_portable(bc, o)
+        use std::arch::x86_64::*;
+        let DepthwisePlanes {
+            x,
+            weight,
+            bias,
+            c,
+            plane_in,
+            k,
+            s,
+            h,
+            w,
+            oh,
+            ow,
+            pad,
+            relu6,
+            ..
+        } = *self;
+        let ch = bc % c;
+        let input = &x[bc * plane_in..(bc + 1) * plane_in];
+        let kernel = &weight[ch * k * k..(ch + 1) * k * k];
+        // The padded plane is (top + h + bottom) × (left + w + right); every phase row has room
+        // for a chunk that starts at its last output column to read LANES values.
+        let padded_h = pad.top + h + pad.bottom;
+        let padded_w = pad.left + w + pad.right;
+        let row_len = padded_w.div_ceil(s) + LANES;
+        let mut phases = vec![0f32; s * padded_h * row_len];
+        // Stride 2 deinterleaves each padded row with two permutes per 32 values; `row` is one
+        // padded row with room for the last group of 32.
+        let mut row = if s == 2 {
+            vec![0f32; padded_w.next_multiple_of(32)]
+        } else {
+            Vec::new()
+        };
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        for (iy, src) in input.chunks_exact(w).enumerate() {
+            let y = iy + pad.top;
+            if s == 1 {
+                phases[y * row_len + pad.left..][..w].copy_from_slice(src);
+                continue;
+            }
+            if s == 2 {
+                row[pad.left..pad.left + w].copy_from_slice(src);
+                let (p0, p1) = (y * row_len, (padded_h + y) * row_len);
+                for (g, pair) in row.chunks_exact(32).enumerate() {
+                    // The last group may write up to 16 values past the row's padded width,
+                    // into the LANES spare values of each phase row.
+                    assert!(p1 + 16 * g + 16 <= phases.len() && p0 + 16 * g + 16 <= p1);
+                    // SAFETY: AVX-512F is enabled here; `pair` holds 32 values and both
+                    // destinations hold 16 (checked just above).
+                    unsafe {
+                        let a = _mm512_loadu_ps(pair.as_ptr());
+                        let b = _mm512_loadu_ps(pair.as_ptr().add(16));
+                        let out = phases.as_mut_ptr();
+                        _mm512_storeu_ps(out.add(p0 + 16 * g), _mm512_permutex2var_ps(a, even, b));
+                        _mm512_storeu_ps(out.add(p1 + 16 * g), _mm512_permutex2var_ps(a, odd, b));
+                    }
+                }
+                continue;
+            }
+            // Padded column xp = ix + left lies in phase xp mod s at index xp div s.
+            for phase in 0..s {
+                let first = (phase + s - pad.left % s) % s;
+                if first >= w {
+                    continue;
+                }
+                let dst = &mut phases[(phase * padded_h + y) * row_len + (first + pad.left) / s..];
+                for (d, &v) in dst.iter_mut().zip(src[first..].iter().step_by(s)) {
+                    *d = v;
+                }
+            }
+        }
+        // Tap (ky, kx) of the chunk at output (oy, ox0) reads LANES values from
+        // chunk base (oy·s·row_len + ox0) + tap offset.
+        let taps: Vec<usize> = (0..k * k)
+            .map(|t| {
+                let (ky, kx) = (t / k, t % k);
+                ((kx % s) * padded_h + ky) * row_len + kx / s
+            })
+            .collect();
+        let last_tap = taps.iter().copied().max().unwrap_or(0);
+        let per_row = ow.div_ceil(LANES);
+        let chunks = oh * per_row;
+        let place = |i: usize| {
+            let (oy, ox0) = (i / per_row, (i % per_row) * LANES);
+            (oy * ow + ox0, LANES.min(ow - ox0), oy * s * row_len + ox0)
+        };
+        let store = |acc: __m512, (dst, n, _): (usize, usize, usize), o: &mut [f32]| {
+            let v = if relu6 {
+                _mm512_min_ps(_mm512_max_ps(acc, _mm512_setzero_ps()), _mm512_set1_ps(6.0))
+            } else {
+                acc
+            };
+            let out = &mut o[dst..dst + n];
+            let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+            // SAFETY: the mask covers `n` lanes and `out` holds `n` values.
+            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, v) };
+        };
+        let mut i = 0;
+        while i < chunks {
+            if chunks - i >= GROUP {
+                let places: [(usize, usize, usize); GROUP] = std::array::from_fn(|j| place(i + j));
+                let bases = places.map(|p| p.2);
+                assert!(bases[GROUP - 1] + last_tap + LANES <= phases.len());
+                // SAFETY: AVX-512F is enabled here; every base plus every tap offset plus LANES
+                // stays within `phases` (the largest base is the last, checked just above).
+                let acc = unsafe { sum_taps::<GROUP>(&phases, bases, &taps, kernel, bias[ch]) };
+                for (a, p) in acc.into_iter().zip(places) {
+                    store(a, p, o);
+                }
+                i += GROUP;
+            } else {
+                let p = place(i);
+                assert!(p.2 + last_tap + LANES <= phases.len());
+                // SAFETY: as above, for the one base.
+                let [a] = unsafe { sum_taps::<1>(&phases, [p.2], &taps, kernel, bias[ch]) };
+                store(a, p, o);
+                i += 1;
+            }
+        }
     }
 
     #[inline(always)]
@@ -597,6 +733,45 @@ impl DepthwisePlanes<'_> {
         }
     }
 }
+
+/// Sums `G` chunks of [`LANES`] depthwise outputs: `bias + Σ_t kernel[t] × phases[base + taps[t] ..]`,
+/// tap by tap in order, with a separate multiply and add.
+///
+/// # Safety
+///
+/// AVX-512F must be available, and `base + taps[t] + LANES <= phases.len()` for every base and tap.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sum_taps<const G: usize>(
+    phases: &[f32],
+    bases: [usize; G],
+    taps: &[usize],
+    kernel: &[f32],
+    bias: f32,
+) -> [std::arch::x86_64::__m512; G] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(bias); G];
+    let p = phases.as_ptr();
+    for (&off, &wv) in taps.iter().zip(kernel) {
+        let wv = _mm512_set1_ps(wv);
+        for j in 0..G {
+            // SAFETY: the caller guarantees that LANES values from base + off are in `phases`.
+            let v = unsafe { _mm512_loadu_ps(p.add(bases[j] + off)) };
+            acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(wv, v));
+        }
+    }
+    acc
+}
+
+/// Output columns per chunk of the AVX-512 depthwise kernel: one 512-bit vector of f32.
+#[cfg(target_arch = "x86_64")]
+const LANES: usize = 16;
+
+/// Chunks the AVX-512 depthwise kernel sums at once, so that this many independent sums are in
+/// flight per tap.
+#[cfg(target_arch = "x86_64")]
+const GROUP: usize = 8;
 
 /// The CPU dense convolution kernel, as a candle custom op on (input, weight, bias).
 ///
