@@ -108,7 +108,10 @@ fn backends(c: &mut Criterion) {
         let mut specs = vec![
             (
                 "exact".to_string(),
-                IndexSpec::Exact(ExactConfig { threads: Some(2) }),
+                IndexSpec::Exact(ExactConfig {
+                    threads: Some(2),
+                    ..ExactConfig::default()
+                }),
             ),
             (
                 "faiss_flat".to_string(),

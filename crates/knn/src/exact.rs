@@ -25,7 +25,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::kernel::{self, NR};
-use crate::{format, ExactConfig, IndexSpec, KnnError, KnnIndex, Neighbors};
+use crate::{format, ExactConfig, IndexSpec, KnnError, KnnIndex, Neighbors, ShortlistArithmetic};
 
 /// The most queries per GEMM tile of the portable path.
 const QUERY_BLOCK: usize = 128;
@@ -40,6 +40,8 @@ const MIN_BANK_PART: usize = 4096;
 const MAX_SAFE_SQUARED: f64 = 1e36;
 /// The unit roundoff of `f32`.
 const U: f64 = f32::EPSILON as f64 / 2.0;
+/// The unit roundoff of bfloat16 (8 significant bits).
+const U_BF16: f64 = 1.0 / 256.0;
 
 /// The exact backend's index.
 pub(crate) struct ExactIndex {
@@ -78,6 +80,9 @@ enum Layout {
     /// Panels of [`NR`] rows for the AVX-512 kernel (see [`kernel`]), with one squared norm per
     /// packed row: the rows' norms, then NaN for the padding.
     Packed { panels: Vec<f32>, norms: Vec<f32> },
+    /// The same panels of bfloat16 pairs for the AVX512-BF16 kernel, with the norms of the `f32`
+    /// centred rows.
+    PackedBf16 { panels: Vec<u32>, norms: Vec<f32> },
 }
 
 impl fmt::Debug for ExactIndex {
@@ -92,6 +97,7 @@ impl fmt::Debug for ExactIndex {
                 &match self.layout {
                     Layout::RowMajor(_) => "portable",
                     Layout::Packed { .. } => "avx512",
+                    Layout::PackedBf16 { .. } => "avx512-bf16",
                 },
             )
             .finish_non_exhaustive()
@@ -156,7 +162,10 @@ impl ExactIndex {
             .build()
             .map_err(|e| KnnError::Config(format!("cannot create the thread pool: {e}")))?;
 
-        let packed = choice == KernelChoice::Auto && kernel::available();
+        let auto = choice == KernelChoice::Auto;
+        let bf16 =
+            auto && config.shortlist == ShortlistArithmetic::Bf16 && kernel::available_bf16();
+        let packed = auto && kernel::available();
         let (mean, layout, norms) = pool.install(|| {
             // Column sums in f64, accumulated per block of rows in parallel.
             let sums = bank
@@ -178,7 +187,32 @@ impl ExactIndex {
                     },
                 );
             let mean: Vec<f32> = sums.iter().map(|s| (s / n as f64) as f32).collect();
-            if packed {
+            if bf16 {
+                let pairs = dim.div_ceil(2);
+                let mut panels = vec![0u32; n.div_ceil(NR) * NR * pairs];
+                let panel_norms: Vec<Vec<f32>> = panels
+                    .par_chunks_mut(NR * pairs)
+                    .zip(bank.par_chunks(NR * dim))
+                    .map(|(panel, rows)| {
+                        let mut centred = Vec::with_capacity(rows.len());
+                        let mut norms = vec![f32::NAN; NR];
+                        for (lane, original) in rows.chunks_exact(dim).enumerate() {
+                            let start = centred.len();
+                            centred.extend(original.iter().zip(&mean).map(|(v, m)| v - m));
+                            norms[lane] = squared_norm(&centred[start..]) as f32;
+                        }
+                        panel.copy_from_slice(&kernel::pack_bf16(&centred, dim, NR));
+                        norms
+                    })
+                    .collect();
+                let packed_norms: Vec<f32> = panel_norms.concat();
+                let norms = packed_norms[..n].to_vec();
+                let layout = Layout::PackedBf16 {
+                    panels,
+                    norms: packed_norms,
+                };
+                (mean, layout, norms)
+            } else if packed {
                 // Centre and pack panel by panel, so that no row-major centred copy is made.
                 let mut panels = vec![0f32; n.div_ceil(NR) * NR * dim];
                 let panel_norms: Vec<Vec<f32>> = panels
@@ -250,7 +284,28 @@ impl ExactIndex {
         // The absolute term covers gradual underflow: each of the ~2D + 8 operations may lose up
         // to half the smallest subnormal.
         let underflow = (2 * self.dim + 8) as f64 * 2f64.powi(-149);
-        Some((2.0 * gamma + 24.0 * U) * s2 + underflow)
+        let bound = (2.0 * gamma + 24.0 * U) * s2 + underflow;
+        Some(match self.layout {
+            Layout::PackedBf16 { .. } => bound + self.bf16_bound(query_norm, s, gamma),
+            Layout::Packed { .. } | Layout::RowMajor(_) => bound,
+        })
+    }
+
+    /// The extra error of a distance whose dot product `x'·y'` is computed from bfloat16 roundings
+    /// `x̂ᵢ = x'ᵢ(1 + δᵢ) + αᵢ`, `|δᵢ| ≤ u_b = 2⁻⁸`, `|αᵢ| < 2⁻¹²⁶` (flushed tiny values), with
+    /// exact products summed in `f32` (`vdpbf16ps`, whose subnormal results are flushed to zero).
+    ///
+    /// The rounding moves the exact dot product by at most `(2u_b + u_b²)·Σ|x'ᵢy'ᵢ|` plus the
+    /// flushed terms, and the `f32` sum of the rounded products errs by at most
+    /// `γ_D·Σ|x̂ᵢŷᵢ| ≤ γ_D·(1 + u_b)²·Σ|x'ᵢy'ᵢ|` (the `f32` bound already covers one `γ_D`) plus
+    /// one flushed result of magnitude below 2⁻¹²⁶ per step. With `Σ|x'ᵢy'ᵢ| ≤ ‖x'‖·max‖y'‖` and
+    /// the distance carrying twice the dot product, this is below
+    /// `2·(2u_b + u_b² + 2γ_D)·‖x'‖·max‖y'‖ + 2·2⁻¹²⁵·(√D·S + D)`.
+    fn bf16_bound(&self, query_norm: f64, s: f64, gamma: f64) -> f64 {
+        let relative = 2.0 * U_BF16 + U_BF16 * U_BF16 + 2.0 * gamma;
+        let norms = query_norm * (1.0 + 4.0 * U) * self.max_norm;
+        let flushed = 2f64.powi(-125) * ((self.dim as f64).sqrt() * s + self.dim as f64);
+        2.0 * (relative * norms + flushed) * (1.0 + 1e-6)
     }
 
     /// Shortlists candidates for queries `q0..q1` against bank rows `b0..b1`.
@@ -281,6 +336,32 @@ impl ExactIndex {
             return Block { lists };
         }
         match &self.layout {
+            Layout::PackedBf16 { panels, norms } => {
+                debug_assert!(b0 % NR == 0 && (b1 % NR == 0 || b1 == self.n));
+                let packed = kernel::pack_bf16(&centred, dim, kernel::MR);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the bf16 layout is only built when `kernel::available_bf16()` reported
+                // AVX-512F and AVX512-BF16; `packed` holds `m.div_ceil(MR)` query panels of
+                // `dim.div_ceil(2)` pairs, and `panels` and `norms` hold `n.div_ceil(NR)` bank
+                // panels, of which `b0 / NR .. b1.div_ceil(NR)` are read.
+                unsafe {
+                    kernel::scan_panels::<kernel::Bf16>(
+                        &packed,
+                        &query_norms,
+                        &mut lists,
+                        kernel::Panels {
+                            values: panels,
+                            norms,
+                        },
+                        dim.div_ceil(2),
+                        b0 / NR..b1.div_ceil(NR),
+                    );
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!(
+                    "the packed layout is only built on x86_64: {packed:?} {panels:?} {norms:?}"
+                );
+            }
             Layout::Packed { panels, norms } => {
                 debug_assert!(b0 % NR == 0 && (b1 % NR == 0 || b1 == self.n));
                 let packed = kernel::pack(&centred, dim, kernel::MR);
@@ -290,7 +371,7 @@ impl ExactIndex {
                 // hold `n.div_ceil(NR)` bank panels, of which `b0 / NR .. b1.div_ceil(NR)` are
                 // read.
                 unsafe {
-                    kernel::scan_panels(
+                    kernel::scan_panels::<kernel::F32>(
                         &packed,
                         &query_norms,
                         &mut lists,
@@ -563,7 +644,9 @@ impl KnnIndex for ExactIndex {
             // blocks evenly, so that no thread is left with a lone short block at the end.
             // The AVX-512 kernel wants whole panels of queries and of bank rows.
             let (query_block, query_align, bank_align) = match self.layout {
-                Layout::Packed { .. } => (KERNEL_QUERY_BLOCK, kernel::MR, NR),
+                Layout::Packed { .. } | Layout::PackedBf16 { .. } => {
+                    (KERNEL_QUERY_BLOCK, kernel::MR, NR)
+                }
                 Layout::RowMajor(_) => (QUERY_BLOCK, 1, 1),
             };
             let threads = rayon::current_num_threads();
@@ -635,7 +718,15 @@ mod tests {
         let n = 3000;
         let bank: Vec<f32> = values(n * dim, 1).iter().map(|v| 1e3 + v).collect();
         let queries: Vec<f32> = values(20 * dim, 2).iter().map(|v| 1e3 + v).collect();
-        let index = ExactIndex::new(ExactConfig { threads: Some(1) }, bank, dim).unwrap();
+        let index = ExactIndex::new(
+            ExactConfig {
+                threads: Some(1),
+                ..ExactConfig::default()
+            },
+            bank,
+            dim,
+        )
+        .unwrap();
         for k in [1, 5] {
             let block = index.shortlist(&queries, k, 0, 20, 0, n);
             for (q, list) in block.lists.iter().enumerate() {
@@ -675,20 +766,81 @@ mod tests {
             for threads in [1, 3] {
                 let config = ExactConfig {
                     threads: Some(threads),
+                    ..ExactConfig::default()
                 };
                 let auto = ExactIndex::new(config.clone(), bank.clone(), dim).unwrap();
+                let f32_kernel = ExactIndex::new(
+                    ExactConfig {
+                        shortlist: ShortlistArithmetic::F32,
+                        ..config.clone()
+                    },
+                    bank.clone(),
+                    dim,
+                )
+                .unwrap();
+                let bf16_kernel = ExactIndex::new(
+                    ExactConfig {
+                        shortlist: ShortlistArithmetic::Bf16,
+                        ..config.clone()
+                    },
+                    bank.clone(),
+                    dim,
+                )
+                .unwrap();
                 let portable =
                     ExactIndex::with_kernel(config, bank.clone(), dim, KernelChoice::Portable)
                         .unwrap();
                 for k in [1, 3.min(n), 10.min(n)] {
-                    let a = auto.search(&queries, k).unwrap();
                     let b = portable.search(&queries, k).unwrap();
-                    assert_eq!(a.indices(), b.indices(), "n {n}, nq {nq}, k {k}");
-                    assert_eq!(a.distances(), b.distances(), "n {n}, nq {nq}, k {k}");
-                    assert_eq!(a.row(0).0[0], 0.0);
+                    for index in [&auto, &f32_kernel, &bf16_kernel] {
+                        let a = index.search(&queries, k).unwrap();
+                        let what = format!("{index:?}, n {n}, nq {nq}, k {k}");
+                        assert_eq!(a.indices(), b.indices(), "{what}");
+                        assert_eq!(a.distances(), b.distances(), "{what}");
+                        assert_eq!(a.row(0).0[0], 0.0);
+                    }
                 }
             }
         }
+    }
+
+    /// The bfloat16 band is wider than the `f32` one, but on data whose nearest neighbours stand
+    /// out from the rest it still leaves a handful of rows to rescore, never the whole bank.
+    #[test]
+    fn bf16_shortlist_stays_short_on_clustered_data() {
+        if !kernel::available_bf16() {
+            eprintln!("notice: this CPU lacks AVX512-BF16; the bf16 shortlist is not exercised");
+            return;
+        }
+        let dim = 256;
+        let n = 2000;
+        // Rows around 100 centres; queries near bank rows, as test patches near training patches.
+        let centres = values(100 * dim, 3);
+        let noise = values(n * dim, 4);
+        let bank: Vec<f32> = (0..n * dim)
+            .map(|i| 10.0 + 4.0 * centres[(i / dim % 100) * dim + i % dim] + noise[i])
+            .collect();
+        let jitter = values(50 * dim, 5);
+        let queries: Vec<f32> = (0..50 * dim)
+            .map(|i| bank[(i / dim * 37 % n) * dim + i % dim] + 0.3 * jitter[i])
+            .collect();
+        let index = ExactIndex::new(
+            ExactConfig {
+                threads: Some(1),
+                shortlist: ShortlistArithmetic::Bf16,
+            },
+            bank,
+            dim,
+        )
+        .unwrap();
+        assert!(matches!(index.layout, Layout::PackedBf16 { .. }));
+        let block = index.shortlist(&queries, 1, 0, 50, 0, n);
+        let total: usize = block
+            .lists
+            .iter()
+            .map(|list| index.candidates(std::iter::once(list), 1).len())
+            .sum();
+        assert!(total <= 50 * 25, "{total} candidates for 50 queries");
     }
 
     #[test]

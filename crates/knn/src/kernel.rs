@@ -29,9 +29,6 @@ use crate::exact::Shortlist;
 pub(crate) const MR: usize = 14;
 /// Bank rows per micro-kernel panel (two 16-lane vectors).
 pub(crate) const NR: usize = 32;
-/// Dimensions per pass of the micro-kernel: `NR × KC` values of a bank panel (32 KiB) fit the L1
-/// data cache.
-const KC: usize = 256;
 
 /// Whether this CPU can run the AVX-512 kernel.
 pub(crate) fn available() -> bool {
@@ -62,31 +59,131 @@ pub(crate) fn pack(rows: &[f32], dim: usize, width: usize) -> Vec<f32> {
 
 /// The packed, centred bank: panels of [`NR`] rows and one squared norm per packed row.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Panels<'a> {
-    /// `NR × dim` values per panel, laid out as described in the module documentation.
-    pub(crate) values: &'a [f32],
+pub(crate) struct Panels<'a, T> {
+    /// `NR × steps` elements per panel, laid out as described in the module documentation.
+    pub(crate) values: &'a [T],
     /// The squared norm of every packed row; NaN for the padding rows.
     pub(crate) norms: &'a [f32],
+}
+
+/// Whether this CPU can run the bf16 variant of the kernel (AVX-512F and AVX512-BF16).
+pub(crate) fn available_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Rounds `x` to the nearest bfloat16 (ties to even) and returns its bits.
+///
+/// Magnitudes below `f32::MIN_POSITIVE` (2⁻¹²⁶) become zero, as `vdpbf16ps` treats subnormal inputs;
+/// every other finite value keeps a relative error of at most 2⁻⁸ and stays a normal number.
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    if x.abs() < f32::MIN_POSITIVE {
+        return 0;
+    }
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    (rounded >> 16) as u16
+}
+
+/// Packs `rows` (row-major, `dim` columns) as bfloat16 pairs into panels of `width` rows: element
+/// `kp·width + lane` of a panel holds dimensions `2·kp` (low half) and `2·kp + 1` (high half) of
+/// row `lane`, so that one 32-bit lane of `vdpbf16ps` multiplies matching dimension pairs. An odd
+/// last dimension and rows past the end are zero.
+pub(crate) fn pack_bf16(rows: &[f32], dim: usize, width: usize) -> Vec<u32> {
+    let n = rows.len() / dim;
+    let pairs = dim.div_ceil(2);
+    let mut packed = vec![0u32; n.div_ceil(width) * width * pairs];
+    for (r, row) in rows.chunks_exact(dim).enumerate() {
+        let panel = &mut packed[(r / width) * width * pairs..][..width * pairs];
+        let lane = r % width;
+        for (kp, pair) in row.chunks(2).enumerate() {
+            let lo = u32::from(to_bf16(pair[0]));
+            let hi = pair.get(1).map_or(0, |&v| u32::from(to_bf16(v)));
+            panel[kp * width + lane] = lo | (hi << 16);
+        }
+    }
+    packed
+}
+
+/// One arithmetic of the micro-kernel: the element type of the packed panels and the product of
+/// one query panel with one bank panel over a slice of `steps` packed elements.
+pub(crate) trait Arithmetic {
+    /// One packed element: an `f32`, or a pair of bfloat16 values.
+    type Elem: Copy;
+    /// Packed elements per pass, sized so that the slice of the bank panel in use (32 KiB) stays
+    /// in the L1 cache while the query panels stream from L2.
+    const SLICE: usize;
+
+    /// Adds the `MR × NR` dot products of `steps` packed elements of a query panel and a bank
+    /// panel to `acc`.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support the arithmetic's instructions; `q` must point to `MR × steps` and `b`
+    /// to `NR × steps` readable elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn multiply(
+        acc: &mut [[__m512; 2]; MR],
+        q: *const Self::Elem,
+        b: *const Self::Elem,
+        steps: usize,
+    );
+}
+
+/// Dot products in `f32` with fused multiply-adds (AVX-512F).
+pub(crate) struct F32;
+
+/// Dot products of bfloat16 pairs accumulated in `f32` (`vdpbf16ps`, AVX512-BF16).
+pub(crate) struct Bf16;
+
+impl Arithmetic for F32 {
+    type Elem = f32;
+    const SLICE: usize = 256;
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn multiply(acc: &mut [[__m512; 2]; MR], q: *const f32, b: *const f32, steps: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe { micro_kernel(acc, q, b, steps) }
+    }
+}
+
+impl Arithmetic for Bf16 {
+    type Elem = u32;
+    const SLICE: usize = 256;
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn multiply(acc: &mut [[__m512; 2]; MR], q: *const u32, b: *const u32, steps: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe { micro_kernel_bf16(acc, q, b, steps) }
+    }
 }
 
 /// Offers the GEMM distances of queries `q0..` (packed in `queries`, `MR` per panel) to bank
 /// panels `range` of `bank` to the queries' shortlists.
 ///
 /// `query_norms[i]` and `lists[i]` belong to query `i` of the block; a `None` list is skipped.
+/// `steps` is the number of packed elements per row: `dim` for [`F32`], `dim.div_ceil(2)` for
+/// [`Bf16`].
 ///
 /// # Safety
 ///
-/// The CPU must support AVX-512F ([`available`]). `queries` must hold `lists.len().div_ceil(MR)`
-/// panels of `MR × dim` values, and `bank` at least `range.end` panels of `NR × dim` values
-/// and `NR · range.end` norms.
+/// The CPU must support AVX-512F and the arithmetic `A` ([`available`], [`available_bf16`]).
+/// `queries` must hold `lists.len().div_ceil(MR)` panels of `MR × steps` elements, and `bank` at
+/// least `range.end` panels of `NR × steps` elements and `NR · range.end` norms.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn scan_panels(
-    queries: &[f32],
+pub(crate) unsafe fn scan_panels<A: Arithmetic>(
+    queries: &[A::Elem],
     query_norms: &[f32],
     lists: &mut [Option<Shortlist>],
-    bank: Panels<'_>,
-    dim: usize,
+    bank: Panels<'_, A::Elem>,
+    steps: usize,
     range: std::ops::Range<usize>,
 ) {
     let Panels {
@@ -96,27 +193,26 @@ pub(crate) unsafe fn scan_panels(
     let (p0, p1) = (range.start, range.end);
     let m = lists.len();
     let tiles = m.div_ceil(MR);
-    debug_assert!(queries.len() >= tiles * MR * dim);
-    debug_assert!(bank.len() >= p1 * NR * dim);
+    debug_assert!(queries.len() >= tiles * MR * steps);
+    debug_assert!(bank.len() >= p1 * NR * steps);
     debug_assert!(bank_norms.len() >= p1 * NR);
-    // The dot products are accumulated over slices of `KC` dimensions, so that the slice of the
-    // bank panel in use (32 KiB) stays in the L1 cache while the query panels stream from L2;
-    // partial sums wait in `partial` between slices.
+    // The dot products are accumulated over slices of `A::SLICE` elements; partial sums wait in
+    // `partial` between slices.
     let mut partial = vec![[[_mm512_setzero_ps(); 2]; MR]; tiles];
     for p in p0..p1 {
-        let panel = &bank[p * NR * dim..(p + 1) * NR * dim];
+        let panel = &bank[p * NR * steps..(p + 1) * NR * steps];
         let norms = &bank_norms[p * NR..(p + 1) * NR];
         let mut k0 = 0;
-        while k0 < dim {
-            let kc = KC.min(dim - k0);
+        while k0 < steps {
+            let kc = A::SLICE.min(steps - k0);
             for (t, acc) in partial.iter_mut().enumerate() {
                 if k0 == 0 {
                     *acc = [[_mm512_setzero_ps(); 2]; MR];
                 }
-                let tile = &queries[t * MR * dim + k0 * MR..][..kc * MR];
-                // SAFETY: AVX-512F is enabled for this function; `tile` holds `MR × kc` and the
-                // panel slice `NR × kc` values.
-                unsafe { micro_kernel(acc, tile.as_ptr(), panel[k0 * NR..].as_ptr(), kc) };
+                let tile = &queries[t * MR * steps + k0 * MR..][..kc * MR];
+                // SAFETY: the caller guarantees the instructions; `tile` holds `MR × kc` and the
+                // panel slice `NR × kc` elements.
+                unsafe { A::multiply(acc, tile.as_ptr(), panel[k0 * NR..].as_ptr(), kc) };
             }
             k0 += kc;
         }
@@ -157,6 +253,39 @@ unsafe fn micro_kernel(acc: &mut [[__m512; 2]; MR], q: *const f32, b: *const f32
                 let a = _mm512_set1_ps(*q.add(i));
                 row[0] = _mm512_fmadd_ps(a, b0, row[0]);
                 row[1] = _mm512_fmadd_ps(a, b1, row[1]);
+            }
+            q = q.add(MR);
+            b = b.add(NR);
+        }
+    }
+    *acc = sums;
+}
+
+/// Adds the `MR × NR` dot products of `kc` bfloat16 dimension pairs of a query panel and a bank
+/// panel to `acc`: each step multiplies two dimensions exactly and adds both products to the
+/// `f32` sums (`vdpbf16ps`, which flushes subnormal results to zero).
+///
+/// # Safety
+///
+/// AVX-512F and AVX512-BF16 must be available; `q` must point to `MR × kc` and `b` to `NR × kc`
+/// readable pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn micro_kernel_bf16(acc: &mut [[__m512; 2]; MR], q: *const u32, b: *const u32, kc: usize) {
+    let mut sums = *acc;
+    let mut q = q;
+    let mut b = b;
+    for _ in 0..kc {
+        // SAFETY: fewer than `kc` steps of `MR` and `NR` pairs stay inside the panels; the
+        // transmutes reinterpret 512 bits of packed pairs as 32 bfloat16 values.
+        unsafe {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(16).cast()));
+            for (i, row) in sums.iter_mut().enumerate() {
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*q.add(i) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], a, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], a, b1);
             }
             q = q.add(MR);
             b = b.add(NR);
@@ -212,5 +341,54 @@ unsafe fn offer(
             hits &= hits - 1;
             list.offer(values[j as usize], base + j);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even_and_flushes_tiny_values() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        assert_eq!(to_bf16(-2.0), 0xc000);
+        // 1 + 2⁻⁸ lies halfway between 1 and 1 + 2⁻⁷: ties go to the even significand (1).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3·2⁻⁸ lies halfway between 1 + 2⁻⁷ (odd) and 1 + 2⁻⁶ (even).
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        // Just above the halfway point rounds up.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0 + 1.0 / 65536.0), 0x3f81);
+        assert_eq!(to_bf16(f32::MIN_POSITIVE / 2.0), 0);
+        assert_eq!(to_bf16(-1e-40), 0);
+        assert_eq!(to_bf16(f32::MIN_POSITIVE), 0x0080);
+    }
+
+    #[test]
+    fn bf16_relative_error_is_at_most_two_to_the_minus_eight() {
+        let mut state = 7u64;
+        for _ in 0..100_000 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let x = f32::from_bits((state >> 32) as u32);
+            if !x.is_finite() || x.abs() < f32::MIN_POSITIVE || x.abs() > 1e38 {
+                continue;
+            }
+            let y = f32::from_bits(u32::from(to_bf16(x)) << 16);
+            let error = (f64::from(y) - f64::from(x)).abs() / f64::from(x).abs();
+            assert!(error <= 1.0 / 256.0, "{x} -> {y}");
+        }
+    }
+
+    #[test]
+    fn bf16_pairs_are_packed_low_then_high_with_zero_padding() {
+        // Two rows of three dimensions in panels of width 2: pairs (d0, d1) and (d2, 0).
+        let packed = pack_bf16(&[1.0, 2.0, 3.0, -1.0, -2.0, -3.0], 3, 2);
+        assert_eq!(
+            packed,
+            vec![0x4000_3f80, 0xc000_bf80, 0x0000_4040, 0x0000_c040]
+        );
+        // A third row starts a second, zero-padded panel.
+        assert_eq!(pack_bf16(&[1.0; 9], 3, 2).len(), 8);
     }
 }

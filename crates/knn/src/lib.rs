@@ -141,6 +141,27 @@ pub struct ExactConfig {
     /// (rayon's default, which honours `RAYON_NUM_THREADS`). The process-wide global pool is never
     /// touched.
     pub threads: Option<usize>,
+    /// The arithmetic of the shortlist's dot products. It changes only the speed, never the
+    /// results: every choice is followed by the same exact rescoring inside a rigorous error band.
+    pub shortlist: ShortlistArithmetic,
+}
+
+/// The arithmetic in which the exact backend computes the dot products of its shortlist.
+///
+/// The shortlist keeps every bank row whose approximate distance lies within a rigorous bound of
+/// the rounding error of the chosen arithmetic, and the survivors are rescored exactly in `f64`, so
+/// the search results are identical (bit for bit) whatever is chosen here. A coarser arithmetic is
+/// faster per dot product but has a wider band, so more rows are rescored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShortlistArithmetic {
+    /// `f32` fused multiply-adds: the AVX-512F kernel, or the portable `gemm` crate.
+    F32,
+    /// bfloat16 products accumulated in `f32` (`vdpbf16ps`) where the CPU has AVX512-BF16, twice
+    /// the `f32` kernel's arithmetic rate; `f32` on other CPUs. The band widens by the bfloat16
+    /// rounding error (relative 2⁻⁸ per element).
+    #[default]
+    Bf16,
 }
 
 /// Configuration of the exact FAISS backend on the CPU (`IndexFlatL2`).

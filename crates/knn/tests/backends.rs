@@ -12,7 +12,10 @@ use rand_chacha::ChaCha8Rng;
 /// Every backend's configuration, with non-default values.
 fn all_specs() -> Vec<IndexSpec> {
     vec![
-        IndexSpec::Exact(ExactConfig { threads: Some(2) }),
+        IndexSpec::Exact(ExactConfig {
+            threads: Some(2),
+            ..ExactConfig::default()
+        }),
         IndexSpec::FaissFlat(FaissFlatConfig { threads: Some(3) }),
         IndexSpec::FaissGpuFlat(FaissGpuConfig { device: 1 }),
         IndexSpec::IvfPq(IvfPqConfig {

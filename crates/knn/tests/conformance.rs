@@ -6,7 +6,7 @@
 //! train it (so the suite checks its fallback); its approximate search is checked against the
 //! oracle by recall on clustered data at the end of this file.
 
-use patchcore_knn::{ExactConfig, IndexSpec, KnnError, Neighbors};
+use patchcore_knn::{ExactConfig, IndexSpec, KnnError, Neighbors, ShortlistArithmetic};
 #[cfg(feature = "faiss")]
 use patchcore_knn::{FaissFlatConfig, IvfPqConfig, OnTooSmall};
 use rand::{Rng, SeedableRng};
@@ -346,11 +346,32 @@ macro_rules! knn_conformance {
 knn_conformance!(exact, IndexSpec::Exact(ExactConfig::default()));
 knn_conformance!(
     exact_one_thread,
-    IndexSpec::Exact(ExactConfig { threads: Some(1) })
+    IndexSpec::Exact(ExactConfig {
+        threads: Some(1),
+        ..ExactConfig::default()
+    })
 );
 knn_conformance!(
     exact_three_threads,
-    IndexSpec::Exact(ExactConfig { threads: Some(3) })
+    IndexSpec::Exact(ExactConfig {
+        threads: Some(3),
+        ..ExactConfig::default()
+    })
+);
+
+knn_conformance!(
+    exact_f32,
+    IndexSpec::Exact(ExactConfig {
+        shortlist: ShortlistArithmetic::F32,
+        ..ExactConfig::default()
+    })
+);
+knn_conformance!(
+    exact_bf16_one_thread,
+    IndexSpec::Exact(ExactConfig {
+        threads: Some(1),
+        shortlist: ShortlistArithmetic::Bf16,
+    })
 );
 
 #[cfg(feature = "faiss")]

@@ -41,8 +41,14 @@ fn matches_faiss_index_flat_l2() {
     let dim = bank_shape[1];
 
     let mut specs = vec![
-        IndexSpec::Exact(ExactConfig { threads: None }),
-        IndexSpec::Exact(ExactConfig { threads: Some(1) }),
+        IndexSpec::Exact(ExactConfig {
+            threads: None,
+            ..ExactConfig::default()
+        }),
+        IndexSpec::Exact(ExactConfig {
+            threads: Some(1),
+            ..ExactConfig::default()
+        }),
     ];
     if cfg!(feature = "faiss") {
         specs.push(IndexSpec::FaissFlat(patchcore_knn::FaissFlatConfig {

@@ -36,7 +36,10 @@ fn exact(x: &[f32], y: &[f32]) -> f64 {
 proptest! {
     #[test]
     fn results_are_sorted_non_negative_and_exact((bank, queries, dim, k) in problem()) {
-        let index = IndexSpec::Exact(ExactConfig { threads: Some(2) }).build(&bank, dim).unwrap();
+        let index = IndexSpec::Exact(ExactConfig {
+ threads: Some(2),
+ ..ExactConfig::default()
+ }).build(&bank, dim).unwrap();
         let found = index.search(&queries, k).unwrap();
         prop_assert_eq!(found.len(), queries.len() / dim);
         prop_assert_eq!(found.k(), k);
