@@ -3,7 +3,8 @@
 //! 784 queries are one 224 × 224 image's 28 × 28 patch embeddings. The first benchmark runs the
 //! exact pure-Rust backend against a 16,384 × 1024 bank of uniform values and reports its
 //! throughput in GFLOP/s of the underlying matrix product (2 · queries · bank · dim flops per
-//! search).
+//! search), once with the default shortlist arithmetic (bfloat16 where the CPU has AVX512-BF16)
+//! and once with `f32`.
 //!
 //! With the cargo feature `faiss` (`cargo bench -p patchcore-benches --features faiss --bench
 //! knn`), the `knn_backends` group compares the pure-Rust exact backend, FAISS `IndexFlatL2` and
@@ -18,7 +19,7 @@
 //! 256 lists there. Select banks with `PATCHCORE_BENCH_BANKS=16384,163840` (the default).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use patchcore_knn::{ExactConfig, IndexSpec};
+use patchcore_knn::{ExactConfig, IndexSpec, ShortlistArithmetic};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -34,9 +35,6 @@ fn bench(c: &mut Criterion) {
     let queries: Vec<f32> = (0..QUERIES * DIM)
         .map(|_| rng.random_range(-1.0..1.0))
         .collect();
-    let index = IndexSpec::Exact(ExactConfig::default())
-        .build(&bank, DIM)
-        .expect("valid bank");
     let flops = 2 * QUERIES * BANK * DIM;
     let mut group = c.benchmark_group("knn");
     group
@@ -45,13 +43,25 @@ fn bench(c: &mut Criterion) {
         .measurement_time(std::time::Duration::from_secs(10));
     // Criterion's element throughput is flops here, so "elem/s" reads as FLOP/s.
     group.throughput(Throughput::Elements(flops as u64));
-    group.bench_function("exact_784x1024_vs_16384_k1", |b| {
-        b.iter(|| {
-            index
-                .search(std::hint::black_box(&queries), 1)
-                .expect("search")
+    // The default shortlist arithmetic (bfloat16 where the CPU has AVX512-BF16), then f32.
+    for (name, shortlist) in [
+        ("exact_784x1024_vs_16384_k1", ShortlistArithmetic::default()),
+        ("exact_f32_784x1024_vs_16384_k1", ShortlistArithmetic::F32),
+    ] {
+        let index = IndexSpec::Exact(ExactConfig {
+            shortlist,
+            ..ExactConfig::default()
         })
-    });
+        .build(&bank, DIM)
+        .expect("valid bank");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                index
+                    .search(std::hint::black_box(&queries), 1)
+                    .expect("search")
+            })
+        });
+    }
     group.finish();
 }
 

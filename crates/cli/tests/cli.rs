@@ -405,3 +405,124 @@ fn thresholds_are_calibrated_stored_and_reported() {
     assert!(stdout(&o).contains("\tno-threshold\t"), "{}", stdout(&o));
     assert!(stderr(&o).contains("no threshold"), "{}", stderr(&o));
 }
+
+/// Pixel AUROC and PRO end to end from MVTec-style `ground_truth/<kind>/<name>_mask.png` masks: both mask rules on a
+/// mask that covers the whole image (they must agree there) and on a square (where the original's rule shrinks the
+/// region), and no pixel metrics at all, with a note, when an anomalous image has no mask.
+#[test]
+fn pixel_metrics_come_from_ground_truth_masks() {
+    let Some(weights) = std::env::var_os("PATCHCORE_LITE0_WEIGHTS") else {
+        assert!(
+            std::env::var("PATCHCORE_REQUIRE_WEIGHTS").as_deref() != Ok("1"),
+            "PATCHCORE_REQUIRE_WEIGHTS=1 but PATCHCORE_LITE0_WEIGHTS is not set"
+        );
+        eprintln!("notice: PATCHCORE_LITE0_WEIGHTS is not set; skipping this test");
+        return;
+    };
+    let weights = weights.to_str().unwrap().to_string();
+    let cells = Path::new(env!("CARGO_MANIFEST_DIR")).join("../patchcore/tests/data");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for (from, to) in [
+        ("cell0004.png", "data/train/good/a.png"),
+        ("cell0009.png", "data/train/good/b.png"),
+        ("cell0060.png", "data/train/good/c.png"),
+        ("cell0011.png", "data/test/good/g.png"),
+        ("cell0001.png", "data/test/crack/d.png"),
+    ] {
+        std::fs::create_dir_all(root.join(to).parent().unwrap()).unwrap();
+        std::fs::copy(cells.join(from), root.join(to)).unwrap();
+    }
+    run_ok(
+        &[
+            "fit",
+            "--preset",
+            "lite0",
+            "--data",
+            "data",
+            "--weights",
+            &weights,
+            "--out",
+            "m.pc",
+            "--coreset",
+            "1",
+            "--quiet",
+        ],
+        root,
+    );
+    let mask_path = root.join("data/ground_truth/crack/d_mask.png");
+    std::fs::create_dir_all(mask_path.parent().unwrap()).unwrap();
+    let eval = |masks: &str, out: &str| -> serde_json::Value {
+        run_ok(
+            &[
+                "eval",
+                "--model",
+                "m.pc",
+                "--data",
+                "data",
+                "--out",
+                out,
+                "--overlays",
+                "0",
+                "--masks",
+                masks,
+                "--quiet",
+            ],
+            root,
+        );
+        serde_json::from_str(&std::fs::read_to_string(root.join(out).join("report.json")).unwrap())
+            .unwrap()
+    };
+    let metric = |r: &serde_json::Value, key: &str| -> f64 {
+        let v = r[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {r}"));
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+        v
+    };
+
+    // The whole defective image is anomalous: both rules see the same mask, so the same metrics.
+    image::GrayImage::from_pixel(300, 300, image::Luma([255u8]))
+        .save(&mask_path)
+        .unwrap();
+    let full_original = eval("original-bilinear", "full-o");
+    let full_nearest = eval("nearest", "full-n");
+    assert!(full_original["pixel_metrics_note"].is_null());
+    for key in ["pixel_auroc", "pro"] {
+        assert_eq!(
+            metric(&full_original, key),
+            metric(&full_nearest, key),
+            "{key}"
+        );
+    }
+
+    // A square: the original's rule keeps only the pixels still at full intensity after the bilinear resize, a
+    // smaller region than nearest-neighbour's, so the two rules give different pixel AUROCs.
+    image::GrayImage::from_fn(300, 300, |x, y| {
+        let inside = (100..200).contains(&x) && (120..220).contains(&y);
+        image::Luma([if inside { 255u8 } else { 0 }])
+    })
+    .save(&mask_path)
+    .unwrap();
+    let square_original = eval("original-bilinear", "sq-o");
+    let square_nearest = eval("nearest", "sq-n");
+    assert_ne!(
+        metric(&square_original, "pixel_auroc"),
+        metric(&square_nearest, "pixel_auroc")
+    );
+    metric(&square_original, "pro");
+    metric(&square_nearest, "pro");
+    assert!(square_original["pro_curve"].as_array().unwrap().len() >= 2);
+
+    // A second defective image without a mask: pixel metrics would count its defect as normal, so none are given.
+    std::fs::copy(
+        cells.join("cell0060.png"),
+        root.join("data/test/crack/e.png"),
+    )
+    .unwrap();
+    let partial = eval("original-bilinear", "partial");
+    assert!(partial["pixel_auroc"].is_null() && partial["pro"].is_null());
+    let note = partial["pixel_metrics_note"].as_str().unwrap();
+    assert!(note.contains("have no mask"), "{note}");
+    assert!(partial["image_auroc"].as_f64().is_some());
+}
