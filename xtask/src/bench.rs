@@ -488,7 +488,9 @@ pub fn render_markdown(settings: &BenchSettings, results: &[CategoryResult]) -> 
     md.push_str(
         "\nn/a: not applicable (pixel AUROC and PRO need ground-truth masks) or not measured; a mean is n/a when \
          any category lacks the value. Fit s is the wall time of `patchcore fit` (decode, embed, coreset, index, \
-         save); predict ms/image covers decoding, the backbone, search and the anomaly map. Fit peak RSS is the \
+         save); predict ms/image covers preprocessing (resize, crop, normalise), the backbone, embedding, search \
+         and the anomaly map, per image in batches of the model's batch size (file decoding is not timed). Fit \
+         peak RSS is the \
          fit process's `VmHWM`; the bound is 1.5 × (embeddings before the coreset + the weights file).\n",
     );
     let failed: Vec<&CategoryResult> = results.iter().filter(|r| r.error.is_some()).collect();
