@@ -51,6 +51,7 @@ pub use patchcore_coreset::{GreedyConfig, Sampler};
 pub use patchcore_knn as knn;
 pub use patchcore_knn::{
     ExactConfig, FaissFlatConfig, FaissGpuConfig, IndexSpec, IvfPqConfig, OnTooSmall,
+    ShortlistArithmetic,
 };
 pub use patchcore_patch as patch;
 pub use patchcore_patch::{EmbedConfig, PatchMaker};
