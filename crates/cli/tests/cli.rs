@@ -190,32 +190,44 @@ fn run_ok(args: &[&str], cwd: &Path) -> Output {
     o
 }
 
-/// Thresholds end to end on real cells: calibrated at fit time from a held-out good image, chosen for F1 by
-/// `eval --set-threshold f1`, given with `predict --threshold`; `predict` reports score, decision and threshold.
-#[test]
-fn thresholds_are_calibrated_stored_and_reported() {
+/// The Lite0 weights (from `PATCHCORE_LITE0_WEIGHTS`) and a temporary MVTec-style folder `data/` of five real
+/// cells: three good training images, one good test image and one test image of the kind `defect_kind`. `None`
+/// (with a notice) when the weights are not set, unless `PATCHCORE_REQUIRE_WEIGHTS=1` demands them.
+fn real_cells(defect_kind: &str) -> Option<(String, tempfile::TempDir)> {
     let Some(weights) = std::env::var_os("PATCHCORE_LITE0_WEIGHTS") else {
         assert!(
             std::env::var("PATCHCORE_REQUIRE_WEIGHTS").as_deref() != Ok("1"),
             "PATCHCORE_REQUIRE_WEIGHTS=1 but PATCHCORE_LITE0_WEIGHTS is not set"
         );
         eprintln!("notice: PATCHCORE_LITE0_WEIGHTS is not set; skipping this test");
-        return;
+        return None;
     };
     let weights = weights.to_str().unwrap().to_string();
     let cells = Path::new(env!("CARGO_MANIFEST_DIR")).join("../patchcore/tests/data");
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+    let defect = format!("data/test/{defect_kind}/d.png");
     for (from, to) in [
         ("cell0004.png", "data/train/good/a.png"),
         ("cell0009.png", "data/train/good/b.png"),
         ("cell0060.png", "data/train/good/c.png"),
         ("cell0011.png", "data/test/good/g.png"),
-        ("cell0001.png", "data/test/defect/d.png"),
+        ("cell0001.png", defect.as_str()),
     ] {
-        std::fs::create_dir_all(root.join(to).parent().unwrap()).unwrap();
-        std::fs::copy(cells.join(from), root.join(to)).unwrap();
+        let to = dir.path().join(to);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(cells.join(from), to).unwrap();
     }
+    Some((weights, dir))
+}
+
+/// Thresholds end to end on real cells: calibrated at fit time from a held-out good image, chosen for F1 by
+/// `eval --set-threshold f1`, given with `predict --threshold`; `predict` reports score, decision and threshold.
+#[test]
+fn thresholds_are_calibrated_stored_and_reported() {
+    let Some((weights, dir)) = real_cells("defect") else {
+        return;
+    };
+    let root = dir.path();
     let o = run_ok(
         &[
             "fit",
@@ -411,28 +423,10 @@ fn thresholds_are_calibrated_stored_and_reported() {
 /// region), and no pixel metrics at all, with a note, when an anomalous image has no mask.
 #[test]
 fn pixel_metrics_come_from_ground_truth_masks() {
-    let Some(weights) = std::env::var_os("PATCHCORE_LITE0_WEIGHTS") else {
-        assert!(
-            std::env::var("PATCHCORE_REQUIRE_WEIGHTS").as_deref() != Ok("1"),
-            "PATCHCORE_REQUIRE_WEIGHTS=1 but PATCHCORE_LITE0_WEIGHTS is not set"
-        );
-        eprintln!("notice: PATCHCORE_LITE0_WEIGHTS is not set; skipping this test");
+    let Some((weights, dir)) = real_cells("crack") else {
         return;
     };
-    let weights = weights.to_str().unwrap().to_string();
-    let cells = Path::new(env!("CARGO_MANIFEST_DIR")).join("../patchcore/tests/data");
-    let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    for (from, to) in [
-        ("cell0004.png", "data/train/good/a.png"),
-        ("cell0009.png", "data/train/good/b.png"),
-        ("cell0060.png", "data/train/good/c.png"),
-        ("cell0011.png", "data/test/good/g.png"),
-        ("cell0001.png", "data/test/crack/d.png"),
-    ] {
-        std::fs::create_dir_all(root.join(to).parent().unwrap()).unwrap();
-        std::fs::copy(cells.join(from), root.join(to)).unwrap();
-    }
     run_ok(
         &[
             "fit",
@@ -516,7 +510,7 @@ fn pixel_metrics_come_from_ground_truth_masks() {
 
     // A second defective image without a mask: pixel metrics would count its defect as normal, so none are given.
     std::fs::copy(
-        cells.join("cell0060.png"),
+        root.join("data/train/good/c.png"),
         root.join("data/test/crack/e.png"),
     )
     .unwrap();

@@ -337,56 +337,36 @@ impl ExactIndex {
         }
         match &self.layout {
             Layout::PackedBf16 { panels, norms } => {
-                debug_assert!(b0 % NR == 0 && (b1 % NR == 0 || b1 == self.n));
                 let packed = kernel::pack_bf16(&centred, dim, kernel::MR);
-                #[cfg(target_arch = "x86_64")]
+                let bank = kernel::Panels {
+                    values: panels,
+                    norms,
+                };
                 // SAFETY: the bf16 layout is only built when `kernel::available_bf16()` reported
-                // AVX-512F and AVX512-BF16; `packed` holds `m.div_ceil(MR)` query panels of
-                // `dim.div_ceil(2)` pairs, and `panels` and `norms` hold `n.div_ceil(NR)` bank
-                // panels, of which `b0 / NR .. b1.div_ceil(NR)` are read.
+                // AVX-512F and AVX512-BF16; `packed` and `bank` hold `dim.div_ceil(2)` pairs per
+                // row.
                 unsafe {
-                    kernel::scan_panels::<kernel::Bf16>(
+                    scan_packed::<kernel::Bf16>(
                         &packed,
                         &query_norms,
                         &mut lists,
-                        kernel::Panels {
-                            values: panels,
-                            norms,
-                        },
+                        bank,
                         dim.div_ceil(2),
-                        b0 / NR..b1.div_ceil(NR),
-                    );
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!(
-                    "the packed layout is only built on x86_64: {packed:?} {panels:?} {norms:?}"
-                );
+                        b0..b1,
+                    )
+                };
             }
             Layout::Packed { panels, norms } => {
-                debug_assert!(b0 % NR == 0 && (b1 % NR == 0 || b1 == self.n));
                 let packed = kernel::pack(&centred, dim, kernel::MR);
-                #[cfg(target_arch = "x86_64")]
+                let bank = kernel::Panels {
+                    values: panels,
+                    norms,
+                };
                 // SAFETY: the packed layout is only built when `kernel::available()` reported
-                // AVX-512F; `packed` holds `m.div_ceil(MR)` query panels, and `panels` and `norms`
-                // hold `n.div_ceil(NR)` bank panels, of which `b0 / NR .. b1.div_ceil(NR)` are
-                // read.
+                // AVX-512F; `packed` and `bank` hold `dim` values per row.
                 unsafe {
-                    kernel::scan_panels::<kernel::F32>(
-                        &packed,
-                        &query_norms,
-                        &mut lists,
-                        kernel::Panels {
-                            values: panels,
-                            norms,
-                        },
-                        dim,
-                        b0 / NR..b1.div_ceil(NR),
-                    );
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                unreachable!(
-                    "the packed layout is only built on x86_64: {packed:?} {panels:?} {norms:?}"
-                );
+                    scan_packed::<kernel::F32>(&packed, &query_norms, &mut lists, bank, dim, b0..b1)
+                };
             }
             Layout::RowMajor(bank) => {
                 self.shortlist_portable(bank, &centred, &query_norms, &mut lists, b0, b1);
@@ -450,6 +430,39 @@ impl ExactIndex {
             t0 = t1;
         }
     }
+}
+
+/// Offers the distances of the packed queries to bank rows `rows` (whole panels of [`NR`] rows,
+/// except at the end of the bank) to their shortlists, with the AVX-512 kernel of arithmetic `A`.
+///
+/// # Safety
+///
+/// The CPU must support `A`'s instructions; `queries` must hold `lists.len().div_ceil(MR)` query
+/// panels and `bank` the whole packed bank, both with `steps` elements per row.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+unsafe fn scan_packed<A: kernel::Arithmetic>(
+    queries: &[A::Elem],
+    query_norms: &[f32],
+    lists: &mut [Option<Shortlist>],
+    bank: kernel::Panels<'_, A::Elem>,
+    steps: usize,
+    rows: std::ops::Range<usize>,
+) {
+    debug_assert!(rows.start % NR == 0 && rows.end.div_ceil(NR) * NR <= bank.norms.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded from the caller; panels `rows.start / NR .. rows.end.div_ceil(NR)` exist.
+    unsafe {
+        kernel::scan_panels::<A>(
+            queries,
+            query_norms,
+            lists,
+            bank,
+            steps,
+            rows.start / NR..rows.end.div_ceil(NR),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the packed layouts are only built on x86_64");
 }
 
 /// Per-query shortlists of one work item; `None` marks a query to be rescored exhaustively.
