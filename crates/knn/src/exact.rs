@@ -18,6 +18,10 @@
 //! component, which moves the distance by at most about `2u·S²`. With `S = ‖x'‖ + max‖y'‖` all of
 //! this is below `(2γ_D + 24u)·S²`, plus an absolute term for gradual underflow. When `S²` is so
 //! large that `f32` could overflow, the query is rescored against the whole bank instead.
+//!
+//! With the bfloat16 shortlist ([`ShortlistArithmetic::Bf16`]) the dot product is computed from
+//! the rows rounded to bfloat16, and `e` grows by the rounding error of those roundings (see
+//! `ExactIndex::bf16_bound`); the argument above is unchanged, so the results are too.
 
 use std::fmt;
 

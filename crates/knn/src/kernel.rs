@@ -16,9 +16,15 @@
 //!   summed in order `k = 0, 1, …` per dot product. The error bound of the shortlist (see the
 //!   `exact` module) holds for any summation order, with or without fused multiply-adds.
 //!
-//! The kernel is only used when the CPU reports AVX-512F at run time; otherwise the index falls
-//! back to the portable `gemm` crate path. Both give bit-identical search results because the
-//! shortlist is followed by exact rescoring.
+//! * The bfloat16 variant ([`Bf16`]) packs the same panels with one 32-bit element per pair of
+//!   dimensions (`2·kp` in the low half, `2·kp + 1` in the high half, rounded to nearest even by
+//!   [`to_bf16`]) and multiplies them with `vdpbf16ps`: two exact products per lane and step,
+//!   added to the same `f32` accumulators, at twice the rate of the `f32` FMAs. Its wider error
+//!   bound is accounted for by the `exact` module's band.
+//!
+//! The kernel is only used when the CPU reports AVX-512F (and, for the bfloat16 variant,
+//! AVX512-BF16) at run time; otherwise the index falls back to the portable `gemm` crate path.
+//! All give bit-identical search results because the shortlist is followed by exact rescoring.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
