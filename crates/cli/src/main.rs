@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use patchcore::{
     load_image, CalibrationConfig, GreedyConfig, IndexSpec, PatchCore, PatchCoreConfig, Progress,
-    Sampler, Threshold,
+    Sampler, ShortlistArithmetic, Threshold,
 };
 use serde_json::json;
 
@@ -68,6 +68,15 @@ enum NnBackend {
     FaissGpu,
     /// Approximate search with FAISS IVFPQ, 512 lists, 64 sub-quantizers, 8 bits (cargo feature `faiss`).
     Ivfpq,
+}
+
+/// Shortlist arithmetics of the exact backend, selectable with `fit --shortlist`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Shortlist {
+    /// bfloat16 dot products where the CPU has AVX512-BF16, f32 elsewhere (the default).
+    Bf16,
+    /// f32 dot products.
+    F32,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -162,6 +171,9 @@ struct FitArgs {
     /// Inverted lists visited per query by the `ivfpq` backend (1 to 512; default 1).
     #[arg(long)]
     nprobe: Option<usize>,
+    /// Arithmetic of the `exact` backend's candidate shortlist; results are identical, only speed differs.
+    #[arg(long, value_enum)]
+    shortlist: Option<Shortlist>,
     /// Skip unreadable image files (each is reported with the reason) instead of stopping.
     #[arg(long)]
     skip_bad: bool,
@@ -310,7 +322,17 @@ fn fit(a: FitArgs) -> Result<()> {
     if let Some(b) = a.batch_size {
         config.batch_size = b;
     }
-    if let Some(nn) = a.nn {
+    // `--nn` keeps the configuration's own settings when it names the backend already configured.
+    let same_backend = |index: &IndexSpec, nn: NnBackend| {
+        matches!(
+            (index, nn),
+            (IndexSpec::Exact(_), NnBackend::Exact)
+                | (IndexSpec::FaissFlat(_), NnBackend::FaissFlat)
+                | (IndexSpec::FaissGpuFlat(_), NnBackend::FaissGpu)
+                | (IndexSpec::IvfPq(_), NnBackend::Ivfpq)
+        )
+    };
+    if let Some(nn) = a.nn.filter(|&nn| !same_backend(&config.index, nn)) {
         config.index = match nn {
             NnBackend::Exact => IndexSpec::Exact(Default::default()),
             NnBackend::FaissFlat => IndexSpec::FaissFlat(Default::default()),
@@ -323,6 +345,20 @@ fn fit(a: FitArgs) -> Result<()> {
             IndexSpec::IvfPq(c) => c.nprobe = nprobe,
             other => bail!(
                 "--nprobe applies to the ivfpq backend, not to `{}` (add --nn ivfpq)",
+                other.backend_name()
+            ),
+        }
+    }
+    if let Some(shortlist) = a.shortlist {
+        match &mut config.index {
+            IndexSpec::Exact(c) => {
+                c.shortlist = match shortlist {
+                    Shortlist::Bf16 => ShortlistArithmetic::Bf16,
+                    Shortlist::F32 => ShortlistArithmetic::F32,
+                }
+            }
+            other => bail!(
+                "--shortlist applies to the exact backend, not to `{}` (add --nn exact)",
                 other.backend_name()
             ),
         }

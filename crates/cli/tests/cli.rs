@@ -520,3 +520,81 @@ fn pixel_metrics_come_from_ground_truth_masks() {
     assert!(note.contains("have no mask"), "{note}");
     assert!(partial["image_auroc"].as_f64().is_some());
 }
+
+/// `fit --shortlist f32` records the arithmetic in the model, `--nn exact` keeps it, and the scores equal those of
+/// the default (bfloat16 where the CPU has it) shortlist bit for bit; `--shortlist` with another backend is refused.
+#[test]
+fn shortlist_arithmetic_is_recorded_and_changes_no_score() {
+    let Some((weights, dir)) = real_cells("defect") else {
+        return;
+    };
+    let root = dir.path();
+    let fit_eval = |extra: &[&str], name: &str| -> (Vec<u8>, serde_json::Value) {
+        let model = format!("{name}.pc");
+        let mut args = vec![
+            "fit",
+            "--preset",
+            "lite0",
+            "--data",
+            "data",
+            "--weights",
+            &weights,
+            "--out",
+            &model,
+            "--coreset",
+            "0.5",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        run_ok(&args, root);
+        run_ok(
+            &[
+                "eval",
+                "--model",
+                &model,
+                "--data",
+                "data",
+                "--out",
+                name,
+                "--overlays",
+                "0",
+                "--quiet",
+            ],
+            root,
+        );
+        let report = std::fs::read_to_string(root.join(name).join("report.json")).unwrap();
+        (
+            std::fs::read(root.join(&model)).unwrap(),
+            serde_json::from_str(&report).unwrap(),
+        )
+    };
+    let contains =
+        |bytes: &[u8], needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    let (default_model, default_report) = fit_eval(&[], "default");
+    let (f32_model, f32_report) = fit_eval(&["--nn", "exact", "--shortlist", "f32"], "f32");
+    assert!(!contains(&default_model, "shortlist"));
+    // The configuration is a JSON string inside the model's JSON header, so its quotes are escaped.
+    assert!(contains(&f32_model, r#"\"shortlist\":\"f32\""#));
+    assert_eq!(default_report["scores"], f32_report["scores"]);
+    assert!(default_report["scores"]
+        .as_array()
+        .is_some_and(|s| s.len() == 2));
+
+    let o = patchcore(
+        &[
+            "fit",
+            "--data",
+            "data",
+            "--weights",
+            &weights,
+            "--out",
+            "x.pc",
+            "--nn",
+            "faiss-flat",
+            "--shortlist",
+            "f32",
+        ],
+        root,
+    );
+    assert_clean_failure(&o, "--shortlist applies to the exact backend");
+}

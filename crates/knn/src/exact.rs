@@ -34,7 +34,8 @@ use crate::{format, ExactConfig, IndexSpec, KnnError, KnnIndex, Neighbors, Short
 /// The most queries per GEMM tile of the portable path.
 const QUERY_BLOCK: usize = 128;
 /// The most queries per block of the AVX-512 kernel: a multiple of [`kernel::MR`] whose packed
-/// rows (896 KiB at 1024 dimensions) stay in a core's L2 cache while the bank streams past.
+/// rows (896 KiB at 1024 dimensions in `f32`, half that in bfloat16) stay in a core's L2 cache
+/// while the bank streams past.
 const KERNEL_QUERY_BLOCK: usize = 16 * kernel::MR;
 /// Bank rows per GEMM tile.
 const BANK_BLOCK: usize = 4096;
@@ -70,7 +71,8 @@ pub(crate) struct ExactIndex {
 /// Which kernel computes the shortlist's dot products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum KernelChoice {
-    /// The AVX-512 kernel where the CPU has AVX-512F, else the portable one.
+    /// The bfloat16 kernel if the configuration asks for it and the CPU has AVX512-BF16, else the
+    /// `f32` AVX-512 kernel where the CPU has AVX-512F, else the portable one.
     Auto,
     /// The `gemm` crate on row-major data, on every CPU.
     #[cfg(test)]
@@ -756,8 +758,8 @@ mod tests {
         }
     }
 
-    /// The AVX-512 kernel (where this CPU has it) and the portable `gemm` path must give
-    /// bit-identical results, on shapes that leave partial query and bank panels.
+    /// The AVX-512 kernels, `f32` and bfloat16 (where this CPU has them), and the portable `gemm`
+    /// path must give bit-identical results, on shapes that leave partial query and bank panels.
     #[test]
     fn kernels_agree_bit_for_bit() {
         for (seed, (n, nq, dim, offset)) in [

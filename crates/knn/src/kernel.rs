@@ -11,8 +11,8 @@
 //!   distance is NaN and never passes a `≤` comparison.
 //! * A block of queries is packed the same way into panels of [`MR`] queries
 //!   (`panel[k·MR + i] = query_i[k]`), zero-padded.
-//! * The micro-kernel multiplies one query panel by one bank panel: `MR × NR` dot products of
-//!   length `dim`, accumulated in 28 registers with one fused multiply-add per element and
+//! * The `f32` micro-kernel ([`F32`]) multiplies one query panel by one bank panel: `MR × NR`
+//!   dot products of length `dim`, accumulated in 28 registers with one fused multiply-add per element and
 //!   summed in order `k = 0, 1, …` per dot product. The error bound of the shortlist (see the
 //!   `exact` module) holds for any summation order, with or without fused multiply-adds.
 //!
@@ -22,9 +22,10 @@
 //!   added to the same `f32` accumulators, at twice the rate of the `f32` FMAs. Its wider error
 //!   bound is accounted for by the `exact` module's band.
 //!
-//! The kernel is only used when the CPU reports AVX-512F (and, for the bfloat16 variant,
-//! AVX512-BF16) at run time; otherwise the index falls back to the portable `gemm` crate path.
-//! All give bit-identical search results because the shortlist is followed by exact rescoring.
+//! The kernel is only used when the CPU reports AVX-512F at run time, and its bfloat16 variant
+//! only with AVX512-BF16 as well: without AVX512-BF16 the index uses the `f32` kernel, without
+//! AVX-512F the portable `gemm` crate path. All give bit-identical search results because the
+//! shortlist is followed by exact rescoring.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;

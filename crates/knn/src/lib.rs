@@ -29,15 +29,18 @@
 //!   thread pool (never the global one). Where the CPU has AVX-512F (detected at run time), a
 //!   fused kernel multiplies query panels with a bank packed into panels once at build time and
 //!   filters the distances in registers, so the distance matrix is never written to memory;
-//!   elsewhere the portable `gemm` crate computes tiles of dot products. Both kernels give
-//!   bit-identical results. That formulation
+//!   elsewhere the portable `gemm` crate computes tiles of dot products. With
+//!   [`ShortlistArithmetic::Bf16`] (the default) on a CPU with AVX512-BF16, the packed bank holds
+//!   bfloat16 pairs multiplied with `vdpbf16ps` at twice the `f32` rate, and the band below widens
+//!   by the bfloat16 rounding error. All kernels give bit-identical results. That formulation
 //!   cancels catastrophically when distances are small next to the norms, so it is only used to
 //!   *shortlist*: every bank row whose GEMM distance is within a rigorous floating-point error
 //!   bound of the running `k`-th best is kept, and the shortlist is then rescored exactly as
 //!   `Σ(x − y)²` in `f64` on the original values and re-selected. The result is exact up to the
 //!   final rounding to `f32`: never negative, exactly zero for duplicates, and ties are broken by
 //!   the lower bank index. The index keeps both the original and the centred (packed) bank, about
-//!   twice the bank's memory, so that rescoring uses the original values.
+//!   twice the bank's memory (1.5 times with bfloat16 panels), so that rescoring uses the
+//!   original values.
 //! * **Errors, not panics.** Every invalid input (empty bank, ragged buffers, `k` out of range,
 //!   NaN or infinite values, corrupt streams) is a [`KnnError`] carrying the offending values.
 //! * **Serialisation.** [`KnnIndex::write_to`] writes the backend's own format; for the exact
@@ -143,6 +146,9 @@ pub struct ExactConfig {
     pub threads: Option<usize>,
     /// The arithmetic of the shortlist's dot products. It changes only the speed, never the
     /// results: every choice is followed by the same exact rescoring inside a rigorous error band.
+    /// Not written when it is the default, so configurations with the default read the same as
+    /// before the option existed.
+    #[serde(skip_serializing_if = "ShortlistArithmetic::is_default")]
     pub shortlist: ShortlistArithmetic,
 }
 
@@ -162,6 +168,13 @@ pub enum ShortlistArithmetic {
     /// rounding error (relative 2⁻⁸ per element).
     #[default]
     Bf16,
+}
+
+impl ShortlistArithmetic {
+    /// Whether this is the default arithmetic.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Configuration of the exact FAISS backend on the CPU (`IndexFlatL2`).
