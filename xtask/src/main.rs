@@ -60,9 +60,11 @@ Commands:
       (mono by default) and print a summary of the report.
       Default output: target/patchcore-demo/elpv-<type>.
   bench [--dataset mvtec|elpv-mono|elpv-poly|PATH] [--category A,B]
-        [--backbone lite0] [--coreset RATIO] [--overlays N]
+        [--backbone NAME] [--coreset RATIO] [--overlays N]
         [--nn exact|faiss-flat|ivfpq|faiss-gpu] [--out DIR] [--cache DIR]
-      Fit and evaluate per category (elpv-mono, coreset 0.01 by default) and
+      Fit and evaluate per category (elpv-mono, lite0, coreset 0.01 by
+      default; NAME is lite0, wide_resnet50_2, wide_resnet101_2 or
+      resnet18|34|50|101|152, whose weights are fetched) and
       write report.md, report.json, report.csv, roc_/pro_<category>.png and
       overlays. MVTec AD is read from <cache>/data/mvtec/<category>/.
       The FAISS backends build the CLI with the cargo feature they need.
