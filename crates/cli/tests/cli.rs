@@ -190,6 +190,24 @@ fn run_ok(args: &[&str], cwd: &Path) -> Output {
     o
 }
 
+/// Runs `patchcore fit --preset lite0 --data data --weights W --out OUT EXTRA… --quiet` in `root`; it must succeed.
+fn fit_lite0(weights: &str, out: &str, extra: &[&str], root: &Path) -> Output {
+    let mut args = vec![
+        "fit",
+        "--preset",
+        "lite0",
+        "--data",
+        "data",
+        "--weights",
+        weights,
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    args.push("--quiet");
+    run_ok(&args, root)
+}
+
 /// The Lite0 weights (from `PATCHCORE_LITE0_WEIGHTS`) and a temporary MVTec-style folder `data/` of five real
 /// cells: three good training images, one good test image and one test image of the kind `defect_kind`. `None`
 /// (with a notice) when the weights are not set, unless `PATCHCORE_REQUIRE_WEIGHTS=1` demands them.
@@ -228,17 +246,10 @@ fn thresholds_are_calibrated_stored_and_reported() {
         return;
     };
     let root = dir.path();
-    let o = run_ok(
+    let o = fit_lite0(
+        &weights,
+        "m.pc",
         &[
-            "fit",
-            "--preset",
-            "lite0",
-            "--data",
-            "data",
-            "--weights",
-            &weights,
-            "--out",
-            "m.pc",
             "--coreset",
             "1",
             "--false-alarm-rate",
@@ -247,7 +258,6 @@ fn thresholds_are_calibrated_stored_and_reported() {
             "0.34",
             "--report",
             "fit.json",
-            "--quiet",
         ],
         root,
     );
@@ -385,23 +395,7 @@ fn thresholds_are_calibrated_stored_and_reported() {
     assert!(out.contains("\tnormal\tdata/test/good/g.png"), "{out}");
 
     // A model without a threshold says so instead of inventing one.
-    run_ok(
-        &[
-            "fit",
-            "--preset",
-            "lite0",
-            "--data",
-            "data",
-            "--weights",
-            &weights,
-            "--out",
-            "plain.pc",
-            "--coreset",
-            "1",
-            "--quiet",
-        ],
-        root,
-    );
+    fit_lite0(&weights, "plain.pc", &["--coreset", "1"], root);
     let o = run_ok(
         &[
             "predict",
@@ -427,23 +421,7 @@ fn pixel_metrics_come_from_ground_truth_masks() {
         return;
     };
     let root = dir.path();
-    run_ok(
-        &[
-            "fit",
-            "--preset",
-            "lite0",
-            "--data",
-            "data",
-            "--weights",
-            &weights,
-            "--out",
-            "m.pc",
-            "--coreset",
-            "1",
-            "--quiet",
-        ],
-        root,
-    );
+    fit_lite0(&weights, "m.pc", &["--coreset", "1"], root);
     let mask_path = root.join("data/ground_truth/crack/d_mask.png");
     std::fs::create_dir_all(mask_path.parent().unwrap()).unwrap();
     let eval = |masks: &str, out: &str| -> serde_json::Value {
@@ -531,22 +509,9 @@ fn shortlist_arithmetic_is_recorded_and_changes_no_score() {
     let root = dir.path();
     let fit_eval = |extra: &[&str], name: &str| -> (Vec<u8>, serde_json::Value) {
         let model = format!("{name}.pc");
-        let mut args = vec![
-            "fit",
-            "--preset",
-            "lite0",
-            "--data",
-            "data",
-            "--weights",
-            &weights,
-            "--out",
-            &model,
-            "--coreset",
-            "0.5",
-            "--quiet",
-        ];
+        let mut args = vec!["--coreset", "0.5"];
         args.extend_from_slice(extra);
-        run_ok(&args, root);
+        fit_lite0(&weights, &model, &args, root);
         run_ok(
             &[
                 "eval",
