@@ -194,58 +194,18 @@ impl ExactIndex {
                 );
             let mean: Vec<f32> = sums.iter().map(|s| (s / n as f64) as f32).collect();
             if bf16 {
-                let pairs = dim.div_ceil(2);
-                let mut panels = vec![0u32; n.div_ceil(NR) * NR * pairs];
-                let panel_norms: Vec<Vec<f32>> = panels
-                    .par_chunks_mut(NR * pairs)
-                    .zip(bank.par_chunks(NR * dim))
-                    .map(|(panel, rows)| {
-                        let mut centred = Vec::with_capacity(rows.len());
-                        let mut norms = vec![f32::NAN; NR];
-                        for (lane, original) in rows.chunks_exact(dim).enumerate() {
-                            let start = centred.len();
-                            centred.extend(original.iter().zip(&mean).map(|(v, m)| v - m));
-                            norms[lane] = squared_norm(&centred[start..]) as f32;
-                        }
-                        panel.copy_from_slice(&kernel::pack_bf16(&centred, dim, NR));
-                        norms
-                    })
-                    .collect();
-                let packed_norms: Vec<f32> = panel_norms.concat();
-                let norms = packed_norms[..n].to_vec();
-                let layout = Layout::PackedBf16 {
-                    panels,
-                    norms: packed_norms,
-                };
-                (mean, layout, norms)
+                let (panels, norms) =
+                    centre_and_pack(&bank, &mean, dim.div_ceil(2), |panel, rows| {
+                        kernel::pack_bf16_into(panel, rows, dim, NR)
+                    });
+                let rows = norms[..n].to_vec();
+                (mean, Layout::PackedBf16 { panels, norms }, rows)
             } else if packed {
-                // Centre and pack panel by panel, so that no row-major centred copy is made.
-                let mut panels = vec![0f32; n.div_ceil(NR) * NR * dim];
-                let panel_norms: Vec<Vec<f32>> = panels
-                    .par_chunks_mut(NR * dim)
-                    .zip(bank.par_chunks(NR * dim))
-                    .map(|(panel, rows)| {
-                        let mut row = vec![0f32; dim];
-                        let mut norms = vec![f32::NAN; NR];
-                        for (lane, original) in rows.chunks_exact(dim).enumerate() {
-                            for ((c, &v), m) in row.iter_mut().zip(original).zip(&mean) {
-                                *c = v - m;
-                            }
-                            norms[lane] = squared_norm(&row) as f32;
-                            for (k, &c) in row.iter().enumerate() {
-                                panel[k * NR + lane] = c;
-                            }
-                        }
-                        norms
-                    })
-                    .collect();
-                let packed_norms: Vec<f32> = panel_norms.concat();
-                let norms = packed_norms[..n].to_vec();
-                let layout = Layout::Packed {
-                    panels,
-                    norms: packed_norms,
-                };
-                (mean, layout, norms)
+                let (panels, norms) = centre_and_pack(&bank, &mean, dim, |panel, rows| {
+                    kernel::pack_into(panel, rows, dim, NR)
+                });
+                let rows = norms[..n].to_vec();
+                (mean, Layout::Packed { panels, norms }, rows)
             } else {
                 let mut centred = bank.clone();
                 let norms: Vec<f32> = centred
@@ -436,6 +396,38 @@ impl ExactIndex {
             t0 = t1;
         }
     }
+}
+
+/// Centres the rows of `bank` on `mean` and packs them panel by panel (panels of [`NR`] rows of
+/// `steps` elements each, written by `pack`), in parallel and without a row-major centred copy of
+/// the bank. Returns the panels and one squared norm per packed row: the centred rows' norms, then
+/// NaN for the padding.
+fn centre_and_pack<T: Copy + Default + Send>(
+    bank: &[f32],
+    mean: &[f32],
+    steps: usize,
+    pack: impl Fn(&mut [T], &[f32]) + Sync,
+) -> (Vec<T>, Vec<f32>) {
+    let dim = mean.len();
+    let n = bank.len() / dim;
+    let mut panels = vec![T::default(); n.div_ceil(NR) * NR * steps];
+    let norms: Vec<Vec<f32>> = panels
+        .par_chunks_mut(NR * steps)
+        .zip(bank.par_chunks(NR * dim))
+        .map(|(panel, rows)| {
+            let centred: Vec<f32> = rows
+                .chunks_exact(dim)
+                .flat_map(|row| row.iter().zip(mean).map(|(v, m)| v - m))
+                .collect();
+            pack(panel, &centred);
+            let mut norms = vec![f32::NAN; NR];
+            for (norm, row) in norms.iter_mut().zip(centred.chunks_exact(dim)) {
+                *norm = squared_norm(row) as f32;
+            }
+            norms
+        })
+        .collect();
+    (panels, norms.concat())
 }
 
 /// Offers the distances of the packed queries to bank rows `rows` (whole panels of [`NR`] rows,

@@ -12,8 +12,8 @@
 //! * A block of queries is packed the same way into panels of [`MR`] queries
 //!   (`panel[k·MR + i] = query_i[k]`), zero-padded.
 //! * The `f32` micro-kernel ([`F32`]) multiplies one query panel by one bank panel: `MR × NR`
-//!   dot products of length `dim`, accumulated in 28 registers with one fused multiply-add per element and
-//!   summed in order `k = 0, 1, …` per dot product. The error bound of the shortlist (see the
+//!   dot products of length `dim`, accumulated in 28 registers with one fused multiply-add per
+//!   element and summed in order `k = 0, 1, …` per dot product. The error bound of the shortlist (see the
 //!   `exact` module) holds for any summation order, with or without fused multiply-adds.
 //!
 //! * The bfloat16 variant ([`Bf16`]) packs the same panels with one 32-bit element per pair of
@@ -51,9 +51,15 @@ pub(crate) fn available() -> bool {
 
 /// Packs `rows` (row-major, `dim` columns) into panels of `width` rows, zero-padded at the end.
 pub(crate) fn pack(rows: &[f32], dim: usize, width: usize) -> Vec<f32> {
-    let n = rows.len() / dim;
-    let panels = n.div_ceil(width);
-    let mut packed = vec![0f32; panels * width * dim];
+    let mut packed = vec![0f32; (rows.len() / dim).div_ceil(width) * width * dim];
+    pack_into(&mut packed, rows, dim, width);
+    packed
+}
+
+/// Writes `rows` (row-major, `dim` columns) into `packed`, panels of `width` rows laid out as
+/// described in the module documentation. `packed` must hold whole panels for every row and
+/// zeros where no row lands.
+pub(crate) fn pack_into(packed: &mut [f32], rows: &[f32], dim: usize, width: usize) {
     for (r, row) in rows.chunks_exact(dim).enumerate() {
         let panel = &mut packed[(r / width) * width * dim..][..width * dim];
         let lane = r % width;
@@ -61,7 +67,6 @@ pub(crate) fn pack(rows: &[f32], dim: usize, width: usize) -> Vec<f32> {
             panel[k * width + lane] = v;
         }
     }
-    packed
 }
 
 /// The packed, centred bank: panels of [`NR`] rows and one squared norm per packed row.
@@ -103,9 +108,16 @@ pub(crate) fn to_bf16(x: f32) -> u16 {
 /// row `lane`, so that one 32-bit lane of `vdpbf16ps` multiplies matching dimension pairs. An odd
 /// last dimension and rows past the end are zero.
 pub(crate) fn pack_bf16(rows: &[f32], dim: usize, width: usize) -> Vec<u32> {
-    let n = rows.len() / dim;
     let pairs = dim.div_ceil(2);
-    let mut packed = vec![0u32; n.div_ceil(width) * width * pairs];
+    let mut packed = vec![0u32; (rows.len() / dim).div_ceil(width) * width * pairs];
+    pack_bf16_into(&mut packed, rows, dim, width);
+    packed
+}
+
+/// [`pack_bf16`] into `packed`, which must hold whole panels for every row and zeros where no
+/// row lands.
+pub(crate) fn pack_bf16_into(packed: &mut [u32], rows: &[f32], dim: usize, width: usize) {
+    let pairs = dim.div_ceil(2);
     for (r, row) in rows.chunks_exact(dim).enumerate() {
         let panel = &mut packed[(r / width) * width * pairs..][..width * pairs];
         let lane = r % width;
@@ -115,7 +127,6 @@ pub(crate) fn pack_bf16(rows: &[f32], dim: usize, width: usize) -> Vec<u32> {
             panel[kp * width + lane] = lo | (hi << 16);
         }
     }
-    packed
 }
 
 /// One arithmetic of the micro-kernel: the element type of the packed panels and the product of
